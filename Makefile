@@ -1,0 +1,36 @@
+# The two commands a newcomer needs: `make train` and `make test`. Both install into .venv first.
+SHELL := /bin/bash
+PY    := .venv/bin/python
+PIP   := .venv/bin/pip
+# albumentations asks the internet for a newer release at import unless told not to; hsflow never downloads.
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install train test bench ui crawl-demo clean
+
+# Re-install only when the project's requirements change.
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: .venv/.installed
+
+train: install            ## train the default model on the shipped demo (offline, CPU, minutes)
+	$(PY) -m hsflow.train $(ARGS)
+
+test: install             ## run the test suite
+	$(PY) -m pytest -q $(ARGS)
+
+bench: install            ## speed figures side by side -> bench/results.json
+	$(PY) -m hsflow.bench $(ARGS)
+
+ui: install               ## MLflow UI over the project's tracking store on http://127.0.0.1:5000
+	.venv/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} --host 127.0.0.1 --port 5000
+
+crawl-demo: install       ## serve the shipped demo through the local portal stand-in and crawl it into data/crawl
+	$(PY) -m crawler.crawl_demo $(ARGS)
+
+clean:
+	rm -rf outputs multirun cache .pytest_cache
