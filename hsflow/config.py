@@ -1,0 +1,15 @@
+"""Where the config tree lives and the one custom resolver it needs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The checkout (editable install): conf/ and data/ sit beside the package. HSFLOW_ROOT overrides.
+ROOT_DIR = Path(os.environ.get("HSFLOW_ROOT", PACKAGE_DIR.parent)).resolve()
+CONF_DIR = ROOT_DIR / "conf"
+
+if not OmegaConf.has_resolver("hsflow_root"):
+    OmegaConf.register_new_resolver("hsflow_root", lambda: str(ROOT_DIR))

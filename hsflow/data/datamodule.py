@@ -1,0 +1,36 @@
+"""The Lightning DataModule over a dataset variant: cached features (fast path) or photos (naive path)."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+
+class HSDataModule(pl.LightningDataModule):
+    """`splits` maps train/val/test to a Dataset yielding (input, label): a TensorDataset of cached features or
+    a PhotoDataset of images. Shuffling is seeded so a run is repeatable."""
+
+    def __init__(self, splits: dict[str, Dataset], batch_size: int = 32, num_workers: int = 0, seed: int = 42):
+        super().__init__()
+        self.splits, self.batch_size, self.num_workers, self.seed = splits, batch_size, num_workers, seed
+
+    @staticmethod
+    def from_features(feats: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **kw) -> "HSDataModule":
+        return HSDataModule({k: TensorDataset(feats[k], labels[k]) for k in feats}, **kw)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.splits[split]
+        # Tensors in memory need no worker processes; photos do (decoding).
+        workers = 0 if isinstance(ds, TensorDataset) else self.num_workers
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=workers, generator=gen,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+    def train_dataloader(self):
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("val", False)
+
+    def test_dataloader(self):
+        return self._loader("test", False)

@@ -1,0 +1,104 @@
+"""The LightningModule: trainable backbone suffix + a new classification head, with torchmetrics.
+
+Inputs are what the DataModule yields: cached prefix outputs (the fast path) or, when `prefix` is set, images
+(the naive path the study used: every epoch pays the full backbone forward). Both give the same function.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from torch import nn
+
+
+def build_head(dim: int, num_classes: int, hidden: int, dropout: float) -> nn.Module:
+    """The study's new head: dropout 0.5 before the classifier (with an optional hidden layer)."""
+    if hidden:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                             nn.Linear(hidden, num_classes))
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+
+
+def _metrics(num_classes: int, prefix: str) -> torchmetrics.MetricCollection:
+    k = min(3, num_classes)
+    return torchmetrics.MetricCollection({
+        "top1": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1),
+        "top3": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=k),
+        "macro_f1": torchmetrics.F1Score(task="multiclass", num_classes=num_classes, average="macro"),
+    }, prefix=prefix)
+
+
+class HSClassifier(pl.LightningModule):
+    def __init__(self, suffix: nn.Module, head: nn.Module, num_classes: int, optimizer: partial,
+                 backbone_lr_scale: float = 0.1, label_smoothing: float = 0.0, scheduler: str = "none",
+                 prefix: nn.Module | None = None, input_dim: int = 1):
+        super().__init__()
+        self.prefix, self.suffix, self.head = prefix, suffix, head
+        self.optimizer_factory, self.backbone_lr_scale, self.scheduler_name = optimizer, backbone_lr_scale, scheduler
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_metrics = _metrics(num_classes, "train_")
+        self.val_metrics = _metrics(num_classes, "val_")
+        self.test_metrics = _metrics(num_classes, "test_")
+        self.confusion = torchmetrics.ConfusionMatrix(task="multiclass", num_classes=num_classes)
+        self.test_logits: list[torch.Tensor] = []
+        self.input_dim = input_dim  # dims of one input without batch: 1 pooled vector, 3 feature map/image
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == self.input_dim + 2:  # (batch, views, ...): test-time augmentation, average the logits
+            b, v = x.shape[:2]
+            return self(x.flatten(0, 1)).view(b, v, -1).mean(1)
+        if self.prefix is not None:
+            with torch.no_grad():
+                x = self.prefix(x)
+        return self.head(self.suffix(x))
+
+    def _step(self, batch, metrics, stage: str):
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        metrics.update(logits, y)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test",
+                 batch_size=len(y))
+        return loss, logits
+
+    def training_step(self, batch, _):
+        return self._step(batch, self.train_metrics, "train")[0]
+
+    def on_train_epoch_end(self):
+        self.log_dict(self.train_metrics.compute())
+        self.train_metrics.reset()
+
+    def validation_step(self, batch, _):
+        self._step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self):
+        values = self.val_metrics.compute()
+        self.log_dict(values)
+        self.log("val_acc", values["val_top1"], prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch, _):
+        _, logits = self._step(batch, self.test_metrics, "test")
+        self.confusion.update(logits, batch[1])
+        self.test_logits.append(logits.detach().cpu())
+
+    def on_test_epoch_end(self):
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def configure_optimizers(self):
+        # A lower learning rate for unfrozen backbone stages than for the new head (fine-tuning convention).
+        groups = [{"params": [p for p in self.head.parameters() if p.requires_grad]}]
+        suffix_params = [p for p in self.suffix.parameters() if p.requires_grad]
+        opt_kwargs = self.optimizer_factory.keywords
+        if suffix_params:
+            groups.append({"params": suffix_params, "lr": opt_kwargs["lr"] * self.backbone_lr_scale})
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_name == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
+            return {"optimizer": optimizer, "lr_scheduler": sched}
+        if self.scheduler_name != "none":
+            raise ValueError(f"optimizer.scheduler={self.scheduler_name!r}: choose none or cosine")
+        return optimizer

@@ -1,0 +1,88 @@
+"""The exported model: the whole network (frozen prefix + trained suffix + head) with its classes,
+preprocessing and calibration, saved as plain files (weights.pt + meta.json) inside an MLflow model.
+
+Loading never unpickles arbitrary objects: meta is JSON and the weights load with `torch.load(weights_only=True)`
+into a network rebuilt from the backbone registry (no download: the weights file holds every parameter).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hsflow.data.transforms import build_preprocess, spec_id
+from hsflow.models.backbones import build_backbone, split_backbone
+from hsflow.models.classifier import build_head
+
+WEIGHTS, META = "weights.pt", "meta.json"
+
+
+def assemble(prefix: nn.Module, suffix: nn.Module, head: nn.Module) -> nn.Sequential:
+    return nn.Sequential(prefix, suffix, head)
+
+
+def build_network(meta: dict) -> nn.Sequential:
+    bb = build_backbone(meta["backbone"], pretrained=False)
+    net = split_backbone(bb, meta["unfreeze"], spec_id(meta["preprocess"]))
+    head = build_head(net.dim, len(meta["classes"]), meta["head"]["hidden"], meta["head"]["dropout"])
+    return assemble(net.prefix, net.suffix, head)
+
+
+@dataclass
+class HSModel:
+    net: nn.Sequential
+    meta: dict  # backbone, unfreeze, head, classes, preprocess, temperature, review_threshold, run facts
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta.get("temperature", 1.0))
+
+    def preprocess(self):
+        return build_preprocess(self.meta["preprocess"])
+
+    def save(self, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.net.state_dict(), folder / WEIGHTS)
+        (folder / META).write_text(json.dumps(self.meta, indent=1, ensure_ascii=False))
+        return [folder / WEIGHTS, folder / META]
+
+    @classmethod
+    def load(cls, folder: Path) -> "HSModel":
+        """Load from a folder holding weights.pt and meta.json (searched recursively: an MLflow model dir works)."""
+        folder = Path(folder)
+        metas = [folder / META] if (folder / META).is_file() else sorted(folder.rglob(META))
+        if not metas:
+            raise FileNotFoundError(f"{folder}: no {META} found; is this an hsflow model?")
+        meta = json.loads(metas[0].read_text())
+        net = build_network(meta)
+        net.load_state_dict(torch.load(metas[0].parent / WEIGHTS, map_location="cpu", weights_only=True))
+        return cls(net.eval(), meta)
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @torch.inference_mode()
+    def probabilities(self, x: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
+        """Calibrated class probabilities for a preprocessed batch (with the mirror-image TTA if trained so)."""
+        tta = self.meta.get("tta", False) if tta is None else tta
+        logits = self.net(x)
+        if tta:
+            logits = (logits + self.net(torch.flip(x, dims=[-1]))) / 2
+        return torch.softmax(logits / self.temperature, dim=1)
+
+
+def load_model(uri: str) -> HSModel:
+    """Load an hsflow model from an MLflow URI (runs:/<id>/model, models:/<name>/<version>) or a local folder."""
+    if Path(uri).exists():
+        return HSModel.load(Path(uri))
+    import mlflow
+
+    return HSModel.load(Path(mlflow.artifacts.download_artifacts(artifact_uri=uri)))

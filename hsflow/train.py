@@ -1,0 +1,160 @@
+"""`python -m hsflow.train [overrides]`: build the dataset variant, train, test, calibrate, log to MLflow.
+
+The last line printed is `run_id=<mlflow run id> test_top1=<accuracy>`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations must not reach for the internet
+
+import hydra  # noqa: E402
+import mlflow  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from pytorch_lightning.loggers import MLFlowLogger  # noqa: E402
+
+from hsflow import calibration, tracking  # noqa: E402
+from hsflow.config import CONF_DIR  # noqa: E402
+from hsflow.data.builder import SPLITS, build_dataset, spec_summary  # noqa: E402
+from hsflow.data.datamodule import HSDataModule  # noqa: E402
+from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id  # noqa: E402
+from hsflow.features import FeatureCache, PhotoDataset, extract  # noqa: E402
+from hsflow.models.backbones import WeightsMissing, build_backbone, split_backbone  # noqa: E402
+from hsflow.models.classifier import HSClassifier, build_head  # noqa: E402
+from hsflow.models.package import HSModel, assemble  # noqa: E402
+from hsflow.store import StoreError  # noqa: E402
+
+log = logging.getLogger("hsflow.train")
+
+
+def _device(cfg: DictConfig) -> str:
+    return "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+
+
+def _with_mirror(samples):
+    """The same samples as their mirror images (view -1), for test-time augmentation."""
+    from dataclasses import replace
+
+    return [replace(s, view=-1) for s in samples]
+
+
+def prepare(cfg: DictConfig):
+    """Dataset, split backbone, DataModule and LightningModule for a config (no MLflow yet)."""
+    if cfg.features not in ("cached", "naive"):
+        raise ValueError(f"features={cfg.features!r}: choose cached or naive")
+    spec = build_dataset(cfg.dataset, cfg.paths.raw_store)
+    if not spec.split("train") or not spec.split("test"):
+        raise ValueError(f"dataset {spec.name}: empty train or test split ({spec_summary(spec)['photos']})")
+    pre = preprocess_spec(cfg.model)
+    preprocess = build_preprocess(pre)
+    bb = build_backbone(cfg.model.name, cfg.model.pretrained, cfg.model.allow_download)
+    net = split_backbone(bb, cfg.model.unfreeze, spec_id(pre))
+    augmenter = Augmenter(cfg.dataset.augment) if cfg.dataset.get("train_views") else None
+    labels = {sp: torch.tensor([s.label for s in spec.split(sp)], dtype=torch.long) for sp in SPLITS}
+    common = dict(batch_size=int(cfg.batch_size), seed=int(cfg.seed))
+    workers = cfg.num_workers
+
+    if cfg.features == "cached":
+        cache = FeatureCache(cfg.paths.cache_dir, net.cache_id)
+        feats = {}
+        for sp in SPLITS:
+            feats[sp] = extract(spec.split(sp), net.prefix, preprocess, cache, augmenter=augmenter,
+                                batch_size=int(cfg.batch_size), num_workers=workers, device=_device(cfg),
+                                draft_size=pre["resize"], desc=f"{cfg.model.name} features {sp}")
+            if cfg.tta and sp != "train":
+                mirrored = extract(_with_mirror(spec.split(sp)), net.prefix, preprocess, cache,
+                                   augmenter=Mirror(), batch_size=int(cfg.batch_size), num_workers=workers,
+                                   device=_device(cfg), draft_size=pre["resize"], desc=f"mirror {sp}")
+                feats[sp] = torch.stack([feats[sp], mirrored], dim=1)
+        dm = HSDataModule.from_features(feats, labels, **common)
+        prefix = None
+    else:
+        dm = HSDataModule({sp: PhotoDataset(spec.split(sp), preprocess, augmenter, pre["resize"],
+                                            tta=bool(cfg.tta) and sp != "train") for sp in SPLITS},
+                          num_workers=workers if workers is not None else 1, **common)
+        prefix = net.prefix
+    head = build_head(net.dim, len(spec.classes), cfg.model.head.hidden, cfg.model.head.dropout)
+    module = HSClassifier(net.suffix, head, len(spec.classes), instantiate(cfg.optimizer),
+                          backbone_lr_scale=cfg.model.backbone_lr_scale, label_smoothing=cfg.label_smoothing,
+                          scheduler=cfg.scheduler, prefix=prefix,
+                          input_dim=1 if prefix is None and str(cfg.model.unfreeze) == "0" else 3)
+    return spec, net, pre, dm, module
+
+
+@torch.no_grad()
+def split_logits(module: HSClassifier, dm: HSDataModule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    module.eval()
+    outs, ys = [], []
+    loader = {"val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
+    for x, y in loader:
+        outs.append(module(x.to(module.device)).float().cpu())
+        ys.append(y)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def run(cfg: DictConfig) -> dict:
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    spec, net, pre, dm, module = prepare(cfg)
+    summary = spec_summary(spec)
+    log.info("dataset %s: %s", spec.name, summary)
+    exp_id = tracking.experiment_id(cfg)
+    with mlflow.start_run(experiment_id=exp_id, run_name=cfg.logger.get("run_name")) as active:
+        run_id = active.info.run_id
+        tracking.log_start(cfg, spec, summary)
+        logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri,
+                              run_id=run_id)
+        trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger)
+        trainer.fit(module, datamodule=dm)
+        test = trainer.test(module, datamodule=dm, verbose=False)[0]
+
+        # Calibration on validation: temperature, ECE before/after, review threshold for the target precision.
+        meta_cal = {"temperature": 1.0, "review_threshold": 0.0}
+        if cfg.calibration.enabled:
+            val_logits, val_y = split_logits(module, dm, "val")
+            t = calibration.fit_temperature(val_logits, val_y)
+            probs = torch.softmax(val_logits / t, 1)
+            meta_cal = {"temperature": t, "review_threshold": calibration.review_threshold(
+                probs, val_y, float(cfg.calibration.target_precision))}
+            mlflow.log_metrics({"val_ece_before": calibration.ece(torch.softmax(val_logits, 1), val_y),
+                                "val_ece_after": calibration.ece(probs, val_y), "temperature": t,
+                                "review_threshold": meta_cal["review_threshold"]})
+
+        tracking.log_curves(run_id)
+        tracking.log_confusion(module.confusion.compute().cpu().numpy(), spec.classes,
+                               f"{cfg.model.name} on {spec.name}: test top-1 {test['test_top1']:.3f}")
+        if cfg.logger.log_model:
+            full = assemble(net.prefix, module.suffix, module.head).cpu().eval()
+            meta = {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze,
+                    "head": {"hidden": int(cfg.model.head.hidden), "dropout": float(cfg.model.head.dropout)},
+                    "classes": spec.classes, "preprocess": pre, "tta": bool(cfg.tta), **meta_cal,
+                    "run_id": run_id, "dataset": spec.name, "dataset_fingerprint": summary["fingerprint"],
+                    "test_top1": float(test["test_top1"])}
+            tracking.log_model(HSModel(full, meta), cfg)
+        val = trainer.callback_metrics.get("val_top1")
+    return {"run_id": run_id, **{k: float(v) for k, v in test.items()},
+            "val_top1": float(val) if val is not None else float("nan")}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float:
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    try:
+        result = run(cfg)
+    except (WeightsMissing, StoreError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as exc:  # a wrong config value: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"run_id={result['run_id']} test_top1={result['test_top1']:.4f}", flush=True)
+    return result["val_top1"]  # what sweepers (optuna) optimize: validation, never test
+
+
+if __name__ == "__main__":
+    main()
