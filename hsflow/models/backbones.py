@@ -182,6 +182,8 @@ def split_backbone(bb: Backbone, unfreeze: int | str, preprocess_id: str) -> Spl
         prefix, suffix = nn.Sequential(*bb.stages, pool()), nn.Identity()
     else:
         prefix, suffix = nn.Sequential(*bb.stages[:cut]), nn.Sequential(*bb.stages[cut:], pool())
+    for p in suffix.parameters():  # set both ways: stages are shared modules, a previous split may have frozen them
+        p.requires_grad_(True)
     for p in prefix.parameters():
         p.requires_grad_(False)
     key = f"{bb.name}|{bb.weights_id}|{preprocess_id}|cut={cut}|pooled={n == 0}|v1"

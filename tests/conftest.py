@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny real store cut from the shipped demo, and one real tiny training run.
+
+Everything is real (photos, EfficientNet-Lite0 ImageNet weights, SQLite MLflow store); only the size is small,
+so the suite stays within minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+SHARED = ROOT.parent / "shared"
+PY = sys.executable
+
+# 3 codes from 3 chapters, a handful of rulings each: ~50 photos.
+TINY_CODES = {"0808100000": 6, "0401200000": 5, "2009120000": 5}
+
+
+def make_tiny_store(dst: Path, codes: dict[str, int] = TINY_CODES) -> Path:
+    """Copy the first N rulings of each code (with their photos) from the shipped demo into a new store."""
+    (dst / "rulings").mkdir(parents=True)
+    (dst / "photos").mkdir()
+    shutil.copy(DEMO / "STORE.json", dst / "STORE.json")
+    taken = dict.fromkeys(codes, 0)
+    for path in sorted((DEMO / "rulings").glob("*.json")):
+        rec = json.loads(path.read_text())
+        code = rec["hs_code"]
+        if code in codes and taken[code] < codes[code]:
+            taken[code] += 1
+            shutil.copy(path, dst / "rulings" / path.name)
+            for p in rec["photos"]:
+                shutil.copy(DEMO / "photos" / p["file"], dst / "photos" / p["file"])
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    return make_tiny_store(tmp_path_factory.mktemp("tiny") / "store")
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def train_cli(*overrides: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
+    """Run `python -m hsflow.train` as a user would; returns the CompletedProcess."""
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # tests pick their store
+    full_env.update({"NO_ALBUMENTATIONS_UPDATE": "1", **(env or {})})
+    return subprocess.run([PY, "-m", "hsflow.train", *overrides], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def tiny_overrides(store: Path, cache: Path, tracking_dir: Path, *extra: str) -> list[str]:
+    return [f"paths.raw_store={store}", f"paths.cache_dir={cache}",
+            f"logger.tracking_uri=sqlite:///{tracking_dir}/mlflow.db", f"hydra.run.dir={tracking_dir}/outputs",
+            "trainer.max_epochs=1", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_store, session_cache, tmp_path_factory) -> dict:
+    """One real one-epoch training on the tiny store; returns run_id, tracking_uri, test_top1."""
+    tracking = tmp_path_factory.mktemp("mlflow")
+    proc = train_cli(*tiny_overrides(tiny_store, session_cache, tracking, "trainer.max_epochs=3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    fields = dict(kv.split("=") for kv in last.split())
+    return {"run_id": fields["run_id"], "test_top1": float(fields["test_top1"]), "last_line": last,
+            "tracking_uri": f"sqlite:///{tracking}/mlflow.db", "tracking_dir": tracking, "store": tiny_store}
