@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations must not reach for the internet
 
@@ -17,6 +18,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import MLFlowLogger  # noqa: E402
 
 from hsflow import calibration, tracking  # noqa: E402
@@ -98,19 +100,44 @@ def split_logits(module: HSClassifier, dm: HSDataModule, split: str) -> tuple[to
     return torch.cat(outs), torch.cat(ys)
 
 
+def resume_checkpoint(run_id: str) -> str:
+    """The last checkpoint of an interrupted run, or a one-line error saying why there is none."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ValueError(f"resume={run_id}: no such MLflow run in {mlflow.get_tracking_uri()}") from None
+    folder = run.data.tags.get("hsflow.checkpoint_dir")
+    last = Path(folder or ".") / "last.ckpt"
+    if not folder or not last.is_file():
+        raise ValueError(f"resume={run_id}: no checkpoint at {last}; start a new run instead")
+    return str(last)
+
+
 def run(cfg: DictConfig) -> dict:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     spec, net, pre, dm, module = prepare(cfg)
     summary = spec_summary(spec)
     log.info("dataset %s: %s", spec.name, summary)
     exp_id = tracking.experiment_id(cfg)
-    with mlflow.start_run(experiment_id=exp_id, run_name=cfg.logger.get("run_name")) as active:
+    ckpt_path = None
+    if cfg.get("resume"):
+        ckpt_path = resume_checkpoint(str(cfg.resume))
+    with mlflow.start_run(run_id=cfg.get("resume") or None, experiment_id=None if cfg.get("resume") else exp_id,
+                          run_name=None if cfg.get("resume") else cfg.logger.get("run_name")) as active:
         run_id = active.info.run_id
-        tracking.log_start(cfg, spec, summary)
+        ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
+        if ckpt_path is None:
+            tracking.log_start(cfg, spec, summary)
+            mlflow.set_tag("hsflow.checkpoint_dir", str(ckpt_dir.resolve()))
+        else:
+            ckpt_dir = Path(ckpt_path).parent
+            log.info("resuming run %s from %s", run_id, ckpt_path)
         logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri,
                               run_id=run_id)
-        trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger)
-        trainer.fit(module, datamodule=dm)
+        # Every epoch replaces the one checkpoint (last.ckpt links to it): a kill loses at most the epoch in flight.
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last="link", save_top_k=1, every_n_epochs=1)
+        trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[checkpoint])
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
 
         # Calibration on validation: temperature, ECE before/after, review threshold for the target precision.
