@@ -10,7 +10,7 @@ from conftest import PY, ROOT, tiny_overrides, train_cli
 
 
 def test_kill_9_then_resume_into_the_same_run(tiny_store, session_cache, tmp_path):
-    epochs = 200
+    epochs = 120
     args = tiny_overrides(tiny_store, session_cache, tmp_path, f"trainer.max_epochs={epochs}", "batch_size=1",
                           "logger.log_model=false")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -34,8 +34,11 @@ def test_kill_9_then_resume_into_the_same_run(tiny_store, session_cache, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.strip().splitlines()[-1].startswith(f"run_id={run.info.run_id} ")
     history = client.get_metric_history(run.info.run_id, "train_loss")
-    steps = [m.step for m in history]
-    assert len(set(steps)) == epochs and len(history) >= epochs  # every epoch once (a killed epoch may repeat)
+    steps = sorted({m.step for m in history})
+    # Lightning saves an epoch's checkpoint just before that epoch's metrics reach MLflow: a kill in between
+    # leaves that one epoch without a point (README, "Interrupted training"); every other epoch is there.
+    assert epochs - 1 <= len(steps) <= epochs
+    assert max(m.value for m in client.get_metric_history(run.info.run_id, "epoch")) >= epochs - 1
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert "test_top1" in client.get_run(run.info.run_id).data.metrics
 
