@@ -9,7 +9,7 @@ import hashlib
 import json
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torchvision import transforms as T
 
@@ -20,7 +20,7 @@ def preprocess_spec(model_cfg: DictConfig) -> dict:
 
 
 def spec_id(spec) -> str:
-    if isinstance(spec, DictConfig):
+    if isinstance(spec, (DictConfig, ListConfig)):
         spec = OmegaConf.to_container(spec, resolve=True)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
