@@ -20,9 +20,10 @@ def preprocess_spec(model_cfg: DictConfig) -> dict:
 
 
 def spec_id(spec) -> str:
-    if isinstance(spec, (DictConfig, ListConfig)):
-        spec = OmegaConf.to_container(spec, resolve=True)
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    def plain(o):  # configs nested anywhere (a list of DictConfig, say) hash as their plain values
+        return OmegaConf.to_container(o, resolve=True) if isinstance(o, (DictConfig, ListConfig)) else str(o)
+
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=plain).encode()).hexdigest()[:12]
 
 
 def build_preprocess(spec: dict) -> T.Compose:
