@@ -13,3 +13,9 @@ CONF_DIR = ROOT_DIR / "conf"
 
 if not OmegaConf.has_resolver("hsflow_root"):
     OmegaConf.register_new_resolver("hsflow_root", lambda: str(ROOT_DIR))
+
+
+def default_tracking_uri() -> str:
+    """The tracking store hsflow.train logs to by default (conf/logger/mlflow.yaml): $MLFLOW_TRACKING_URI or the
+    SQLite file in the project directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT_DIR / 'mlflow.db'}"

@@ -39,15 +39,26 @@ class PhotoDataset(Dataset):
 
     def __getitem__(self, i):
         s = self.samples[i]
-        img = open_rgb(s.path, draft_size=self.draft)
         if s.view:
-            img = self.augmenter(img, s.sha256, s.view)
+            img = self.augmenter.view(s.path, s.sha256, s.view, self.draft)
+        else:
+            img = open_rgb(s.path, draft_size=self.draft)
         x = self.preprocess(img)
         return (torch.stack([x, torch.flip(x, dims=[-1])]) if self.tta else x), s.label
 
 
 def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def worker_context(num_workers: int):
+    """The multiprocessing context for DataLoader workers. Inside a sweep launcher's worker (joblib's loky,
+    submitit) the inherited default may be one torch cannot start workers with; fall back to a standard one."""
+    import multiprocessing as mp
+
+    if num_workers == 0 or mp.get_start_method(allow_none=True) in (None, "fork", "spawn", "forkserver"):
+        return None
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
 class FeatureCache:
@@ -84,6 +95,7 @@ def extract(samples: list[Sample], prefix: torch.nn.Module, preprocess, cache: F
         workers = default_workers() if num_workers is None else num_workers
         loader = DataLoader(PhotoDataset(todo, preprocess, augmenter, draft_size), batch_size=batch_size,
                             num_workers=workers, pin_memory=device.startswith("cuda"),
+                            multiprocessing_context=worker_context(workers),
                             persistent_workers=False)
         prefix = prefix.to(device).eval()
         if device.startswith("cuda"):

@@ -51,21 +51,43 @@ def git_commit() -> str:
         return "unknown"
 
 
+def sweep_tags() -> dict[str, str]:
+    """In a --multirun (any launcher or sweeper): the sweep's id, the job's number and overrides, so the MLflow UI
+    can group and compare one sweep's runs (filter: tags.hsflow.sweep_id = '...')."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return {}
+    return {"hsflow.sweep_id": "-".join(Path(hc.sweep.dir).parts[-2:]), "hsflow.sweep_dir": str(hc.sweep.dir),
+            "hsflow.sweep_job": str(hc.job.num), "hsflow.sweep_overrides": ",".join(hc.overrides.task)[:5000],
+            "hsflow.sweeper": str(hc.runtime.choices.get("hydra/sweeper", "basic")),
+            "hsflow.launcher": str(hc.runtime.choices.get("hydra/launcher", "basic"))}
+
+
 def log_start(cfg: DictConfig, spec, summary: dict) -> None:
     """Params, tags, resolved config and the dataset fingerprint; call inside an active run."""
     mlflow.log_params(flat_params(cfg))
     mlflow.set_tags({"mlflow.source.git.commit": git_commit(), "dataset": spec.name,
-                     "dataset.fingerprint": summary["fingerprint"], "backbone": cfg.model.name,
+                     "dataset.fingerprint": summary["fingerprint"], "backbone": cfg.model.name, **sweep_tags(),
                      **{str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}})
     cfg_yaml = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     mlflow.log_text(cfg_yaml, "config.yaml")
-    mlflow.log_dict({"summary": summary, "photos_per_class_per_split": spec.counts(), "skipped": spec.skipped},
+    mlflow.log_dict({"summary": summary, "photos_per_class_per_split": spec.counts(), "skipped": spec.skipped,
+                     "removed_per_rule": spec.removed},
                     "dataset/fingerprint.json")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "split.csv"
         spec.save_split(path)
         mlflow.log_artifact(str(path), "dataset")
-    mlflow.log_metrics({f"dataset_{sp}_photos": n for sp, n in summary["photos"].items()})
+    mlflow.log_metrics({f"dataset_{sp}_photos": n for sp, n in summary["photos"].items()}
+                       | {f"dataset_{sp}_generated": n for sp, n in summary["generated"].items()}
+                       | {f"dataset_removed_{rule}": n for rule, n in summary["removed"].items()})
+    if spec.near_duplicates:
+        mlflow.log_dict({"clusters": spec.near_duplicates}, "dataset/near_duplicates.json")
 
 
 def log_curves(run_id: str) -> None:

@@ -51,14 +51,15 @@ def prepare(cfg: DictConfig):
     """Dataset, split backbone, DataModule and LightningModule for a config (no MLflow yet)."""
     if cfg.features not in ("cached", "naive"):
         raise ValueError(f"features={cfg.features!r}: choose cached or naive")
-    spec = build_dataset(cfg.dataset, cfg.paths.raw_store)
+    spec = build_dataset(cfg.dataset, cfg.paths.raw_store, cache_dir=cfg.paths.cache_dir)
     if not spec.split("train") or not spec.split("test"):
         raise ValueError(f"dataset {spec.name}: empty train or test split ({spec_summary(spec)['photos']})")
     pre = preprocess_spec(cfg.model)
     preprocess = build_preprocess(pre)
     bb = build_backbone(cfg.model.name, cfg.model.pretrained, cfg.model.allow_download)
     net = split_backbone(bb, cfg.model.unfreeze, spec_id(pre))
-    augmenter = Augmenter(cfg.dataset.augment) if cfg.dataset.get("train_views") else None
+    augmenter = (Augmenter(cfg.dataset.augment, Path(cfg.paths.cache_dir) / "generated")
+                 if any(s.view > 0 for s in spec.samples) else None)
     labels = {sp: torch.tensor([s.label for s in spec.split(sp)], dtype=torch.long) for sp in SPLITS}
     common = dict(batch_size=int(cfg.batch_size), seed=int(cfg.seed))
     workers = cfg.num_workers
@@ -203,4 +204,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    # Call the importable copy of main: launchers that pickle the task (joblib, submitit) must find it by
+    # reference as hsflow.train.main, not by value from __main__.
+    from hsflow.train import main as importable_main
+
+    importable_main()

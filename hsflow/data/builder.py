@@ -1,8 +1,10 @@
 """One generic builder turns the raw store into a dataset variant; the variant's parameters are config values.
 
-Steps, in order: read the store's photos -> drop photos that do not decode (one warning line each) -> choose the
-classes (chapter, the N largest codes, the rest relabelled to a catch-all code or dropped) -> split by ruling,
-stratified per class, seeded -> optional generated copies (views) for training.
+Steps, in order: read the store's photos (of one chapter, if asked) -> drop photos that do not decode (one warning
+line each) -> the quality rules (size, blur, near-duplicates; hsflow.data.quality) -> choose the classes (the N
+largest codes, the rest relabelled to a catch-all code or dropped) -> split by ruling (rulings linked by
+near-duplicate photos move together), stratified per class, seeded -> per-class caps on originals -> generated
+copies (views) to fill training to a per-class size (and, only when asked, the test split: the study's protocol).
 
 The split depends only on the store, the dataset config and the seed, never on the backbone or the epochs, so a
 grid of models compares on the same photos.
@@ -14,12 +16,13 @@ import hashlib
 import json
 import random
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from hsflow.data import quality
 from hsflow.images import PhotoError, open_rgb
 from hsflow.store import Photo, RawStore
 
@@ -42,6 +45,8 @@ class DatasetSpec:
     classes: list[str]
     samples: list[Sample]
     skipped: list[str] = field(default_factory=list)  # "path: reason" of photos left out
+    removed: dict = field(default_factory=dict)  # photos removed per rule (undecodable, quality filter)
+    near_duplicates: list[list[str]] = field(default_factory=list)  # clusters kept on one side of the split
 
     def split(self, name: str, *, originals_only: bool = False) -> list[Sample]:
         return [s for s in self.samples if s.split == name and (s.view == 0 or not originals_only)]
@@ -69,10 +74,9 @@ class DatasetSpec:
                 w.writerow([s.split, self.classes[s.label], s.rrdc_no, s.view, s.sha256, s.path])
 
 
-def usable_photos(store: RawStore, verbose: bool = True) -> tuple[list[Photo], list[str]]:
-    """All photos of the store that decode; the others are reported once, here, never inside a DataLoader."""
+def usable_photos(photos: list[Photo], verbose: bool = True) -> tuple[list[Photo], list[str]]:
+    """The photos that decode; the others are reported once, here, never inside a DataLoader."""
     good, bad = [], []
-    photos = list(store.photos())
     for p in tqdm(photos, desc="check photos", unit="photo", disable=not verbose, leave=False):
         try:
             open_rgb(p.path, draft_size=64)
@@ -119,40 +123,102 @@ def split_by_ruling(groups: dict[str, list[Photo]], fractions: dict[str, float],
     return out
 
 
-def build_dataset(cfg: DictConfig, store_path: str | Path, *, verbose: bool = True) -> DatasetSpec:
+def _groups(photos: list[Photo], clusters: list[list[str]]) -> dict[str, list[Photo]]:
+    """Split units: rulings, merged when a near-duplicate cluster links them, so neither straddles the line."""
+    parent: dict[str, str] = {p.rrdc_no: p.rrdc_no for p in photos}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    ruling_of = {p.file: p.rrdc_no for p in photos}
+    for cluster in clusters:
+        roots = sorted({find(ruling_of[f]) for f in cluster if f in ruling_of})
+        for r in roots[1:]:
+            parent[r] = roots[0]
+    out: dict[str, list[Photo]] = collections.defaultdict(list)
+    for p in photos:
+        out[find(p.rrdc_no)].append(p)
+    return out
+
+
+def _cap(photos: list[Photo], cap, rng: random.Random) -> list[Photo]:
+    """At most `cap` photos, taken whole rulings at a time in a seeded order (the last one may be cut)."""
+    if cap is None or len(photos) <= int(cap):
+        return photos
+    by_ruling = collections.defaultdict(list)
+    for p in photos:
+        by_ruling[p.rrdc_no].append(p)
+    order = sorted(by_ruling)
+    rng.shuffle(order)
+    taken = [p for r in order for p in by_ruling[r]]
+    return taken[: int(cap)]
+
+
+def _fill(originals: list[Sample], target, first_view: int = 1) -> list[Sample]:
+    """Generated copies that bring `originals` up to `target` items, spread evenly over the originals."""
+    if not target or not originals or len(originals) >= int(target):
+        return []
+    n = len(originals)
+    return [replace(originals[i % n], view=first_view + i // n) for i in range(int(target) - n)]
+
+
+def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | Path | None = None,
+                  verbose: bool = True) -> DatasetSpec:
     store = RawStore(store_path)
-    photos, skipped = usable_photos(store, verbose)
+    chapter = str(cfg.chapter) if cfg.get("chapter") else None
+    photos = [p for p in store.photos() if not chapter or p.hs_code.startswith(chapter)]
+    photos, skipped = usable_photos(photos, verbose)
+    photos, removed, clusters = quality.apply(photos, cfg.get("quality"), cache_dir, verbose)
+    removed = {"undecodable": len(skipped), **removed}
     mapping = select_classes(photos, cfg)
     classes = sorted(set(mapping.values()))
     index = {c: i for i, c in enumerate(classes)}
     fractions = {s: float(cfg.split[s]) for s in SPLITS}
     if abs(sum(fractions.values()) - 1) > 1e-6 or min(fractions.values()) < 0:
         raise ValueError(f"dataset.split fractions must be >= 0 and sum to 1, got {fractions}")
+    caps = cfg.get("per_class") or {}
+    fill = cfg.get("fill") or {}
+    train_views = int(cfg.get("train_views", 0) or 0)
+    fill_test = bool(cfg.get("test_fill_with_generated", False))
 
-    by_class: dict[str, dict[str, list[Photo]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    by_class: dict[str, list[Photo]] = collections.defaultdict(list)
     for p in photos:
         if p.hs_code in mapping:
-            by_class[mapping[p.hs_code]][p.rrdc_no].append(p)
+            by_class[mapping[p.hs_code]].append(p)
 
     samples: list[Sample] = []
-    train_views = int(cfg.get("train_views", 0) or 0)
     for label in classes:
-        assignment = split_by_ruling(by_class[label], fractions, int(cfg.split.seed), label)
-        for rrdc, group in sorted(by_class[label].items()):
-            split = assignment[rrdc]
-            for p in sorted(group, key=lambda p: p.file):
-                samples.append(Sample(str(p.path), p.sha256, rrdc, index[label], split))
-                if split == "train":
-                    samples.extend(Sample(str(p.path), p.sha256, rrdc, index[label], split, v)
-                                   for v in range(1, train_views + 1))
-    return DatasetSpec(str(cfg.name), classes, samples, skipped)
+        groups = _groups(by_class[label], clusters)
+        assignment = split_by_ruling(groups, fractions, int(cfg.split.seed), label)
+        rng = random.Random(f"{cfg.split.seed}:{label}:cap")
+        for split in SPLITS:
+            chosen = sorted((p for g, ps in groups.items() if assignment[g] == split for p in ps),
+                            key=lambda p: (p.rrdc_no, p.file))
+            cap = caps.get(split)
+            if split == "train" and fill.get("train"):  # a fill target is also the class's training size
+                cap = min(int(cap), int(fill.train)) if cap is not None else fill.train
+            originals = [Sample(str(p.path), p.sha256, p.rrdc_no, index[label], split)
+                         for p in sorted(_cap(chosen, cap, rng), key=lambda p: (p.rrdc_no, p.file))]
+            samples.extend(originals)
+            if split == "train":
+                samples.extend(replace(s, view=v) for s in originals for v in range(1, train_views + 1))
+                samples.extend(_fill(originals, fill.get("train"), first_view=train_views + 1))
+            elif split == "test" and fill_test:
+                if not fill.get("test"):
+                    raise ValueError("dataset.test_fill_with_generated=true needs dataset.fill.test (per-class size)")
+                samples.extend(_fill(originals, fill.test))
+    return DatasetSpec(str(cfg.name), classes, samples, skipped, removed, clusters)
 
 
 def spec_summary(spec: DatasetSpec) -> dict:
     return {"name": spec.name, "classes": len(spec.classes), "fingerprint": spec.fingerprint(),
             "photos": {sp: len(spec.split(sp, originals_only=True)) for sp in SPLITS},
             "generated": {sp: len(spec.split(sp)) - len(spec.split(sp, originals_only=True)) for sp in SPLITS},
-            "skipped_photos": len(spec.skipped)}
+            "skipped_photos": len(spec.skipped), "removed": spec.removed,
+            "near_duplicate_clusters": len(spec.near_duplicates)}
 
 
 __all__ = ["Sample", "DatasetSpec", "build_dataset", "spec_summary", "asdict"]

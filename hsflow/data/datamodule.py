@@ -5,6 +5,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from hsflow.features import worker_context
+
 
 class HSDataModule(pl.LightningDataModule):
     """`splits` maps train/val/test to a Dataset yielding (input, label): a TensorDataset of cached features or
@@ -24,7 +26,8 @@ class HSDataModule(pl.LightningDataModule):
         workers = 0 if isinstance(ds, TensorDataset) else self.num_workers
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=workers, generator=gen,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                          multiprocessing_context=worker_context(workers))
 
     def train_dataloader(self):
         return self._loader("train", True)

@@ -27,7 +27,8 @@ def _metrics(num_classes: int, prefix: str) -> torchmetrics.MetricCollection:
         "top1": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1),
         "top3": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=k),
         "macro_f1": torchmetrics.F1Score(task="multiclass", num_classes=num_classes, average="macro"),
-    }, prefix=prefix)
+    }, prefix=prefix, compute_groups=False)  # grouping would merge top-1 and top-3 when their first-batch
+    # states happen to coincide, and from then on report top-1 as top-3
 
 
 class HSClassifier(pl.LightningModule):

@@ -1,0 +1,137 @@
+"""`python -m hsflow.report --experiment NAME`: an experiment's MLflow runs as the study's tables.
+
+Grid layout (default): rows = epochs, columns = backbones, cells = test top-1, like the study's tables 2/4/6,
+then the best run's confusion matrix with code labels. List layout (`--layout list`): one row per run with
+top-1 / top-3 / chapter top-1 / minutes, for comparing configurations (the README's evidence table).
+The markdown is printed and logged as an artifact of a run named `report` in the same experiment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from hsflow.config import default_tracking_uri
+
+REPORT_TAG = "hsflow.kind"
+
+
+def finished_runs(experiment: str):
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        names = ", ".join(e.name for e in mlflow.search_experiments()) or "none"
+        raise ValueError(f"no MLflow experiment {experiment!r} in {mlflow.get_tracking_uri()} (there are: {names})")
+    runs = mlflow.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    return exp, [r for r in runs if r.data.tags.get(REPORT_TAG) != "report" and "test_top1" in r.data.metrics]
+
+
+def _num(v: str):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def grid_table(runs, rows: str, cols: str, metric: str) -> tuple[str, dict]:
+    """Markdown table rows x cols of `metric`; the newest run wins a cell that was run twice."""
+    cells: dict = {}
+    for r in runs:  # newest first
+        key = (r.data.params.get(rows, "?"), r.data.params.get(cols, "?"))
+        cells.setdefault(key, r)
+    row_keys = sorted({k[0] for k in cells}, key=_num)
+    col_keys = sorted({k[1] for k in cells})
+    lines = [f"| {rows} \\ {cols} | " + " | ".join(col_keys) + " |", "|---" * (len(col_keys) + 1) + "|"]
+    for rk in row_keys:
+        vals = [cells.get((rk, ck)) for ck in col_keys]
+        lines.append(f"| {rk} | " + " | ".join(f"{v.data.metrics[metric]:.4f}" if v else "–" for v in vals) + " |")
+    table = {f"{rk}|{ck}": {"run_id": r.info.run_id, metric: r.data.metrics[metric]} for (rk, ck), r in cells.items()}
+    return "\n".join(lines), table
+
+
+LIST_COLUMNS = [("test_top1", "test top-1"), ("test_top3", "test top-3"), ("test_chapter_top1", "chapter top-1"),
+                ("val_top1", "val top-1"), ("total_minutes", "minutes")]
+
+
+def list_table(runs) -> tuple[str, dict]:
+    lines = ["| run | backbone | " + " | ".join(h for _, h in LIST_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(LIST_COLUMNS)]
+    table = {}
+    for r in sorted(runs, key=lambda r: -r.data.metrics.get("val_top1", 0)):
+        name = r.data.tags.get("mlflow.runName", r.info.run_id[:8])
+        vals = [r.data.metrics.get(k) for k, _ in LIST_COLUMNS]
+        lines.append(f"| {name} | {r.data.params.get('model.name', '?')} | "
+                     + " | ".join("–" if v is None else (f"{v:.1f}" if k == "total_minutes" else f"{v:.4f}")
+                                  for (k, _), v in zip(LIST_COLUMNS, vals)) + " |")
+        table[name] = {"run_id": r.info.run_id, **{k: v for (k, _), v in zip(LIST_COLUMNS, vals)}}
+    return "\n".join(lines), table
+
+
+def confusion_markdown(run) -> str:
+    """The run's test confusion matrix (logged by hsflow.train) with code labels: rows decided, columns predicted."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="plots/confusion_matrix.json")
+    except Exception as exc:  # noqa: BLE001 - an old run without the artifact still gets its table
+        return f"(no confusion matrix for run {run.info.run_id}: {type(exc).__name__})"
+    data = json.loads(open(path).read())
+    classes, m = data["classes"], data["matrix"]
+    if len(classes) > 12:  # too wide for a terminal: the most confused pairs instead
+        pairs = sorted(((m[i][j], classes[i], classes[j]) for i in range(len(classes))
+                        for j in range(len(classes)) if i != j and m[i][j]), reverse=True)[:10]
+        return "most confused (decided -> predicted: photos):\n" + "\n".join(
+            f"- {a} -> {b}: {int(n)}" for n, a, b in pairs)
+    lines = ["| decided \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    lines += [f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |" for c, row in zip(classes, m)]
+    return "\n".join(lines)
+
+
+def build_report(experiment: str, layout: str = "grid", rows: str = "trainer.max_epochs", cols: str = "model.name",
+                 metric: str = "test_top1") -> tuple[str, dict]:
+    _, runs = finished_runs(experiment)
+    if not runs:
+        raise ValueError(f"experiment {experiment!r} has no finished training runs yet")
+    table, data = grid_table(runs, rows, cols, metric) if layout == "grid" else list_table(runs)
+    best = max(runs, key=lambda r: (r.data.metrics.get("val_top1", 0), r.data.metrics[metric]))
+    name = best.data.tags.get("mlflow.runName", best.info.run_id)
+    text = (f"## {experiment}: {metric.replace('_', ' ')}\n\n{table}\n\n"
+            f"Best by validation top-1: run {name} ({best.info.run_id}), {best.data.params.get(cols, '?')} × "
+            f"{best.data.params.get(rows, '?')}: {metric} {best.data.metrics[metric]:.4f}\n\n"
+            f"### Confusion matrix of the best run (test split)\n\n{confusion_markdown(best)}\n")
+    return text, {"experiment": experiment, "metric": metric, "cells": data, "best_run_id": best.info.run_id}
+
+
+def log_report(experiment: str, text: str, data: dict) -> str:
+    exp = mlflow.get_experiment_by_name(experiment)
+    with mlflow.start_run(experiment_id=exp.experiment_id, run_name="report", tags={REPORT_TAG: "report"}) as run:
+        mlflow.log_text(text, "report.md")
+        mlflow.log_dict(data, "report.json")
+    return run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hsflow.report", description=__doc__.splitlines()[0])
+    ap.add_argument("--experiment", required=True, help="MLflow experiment name, e.g. demo_table2")
+    ap.add_argument("--layout", choices=["grid", "list"], default="grid")
+    ap.add_argument("--rows", default="trainer.max_epochs", help="param for the rows (grid layout)")
+    ap.add_argument("--cols", default="model.name", help="param for the columns (grid layout)")
+    ap.add_argument("--metric", default="test_top1")
+    ap.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or the project's mlflow.db")
+    ap.add_argument("--no-log", action="store_true", help="print only; do not log the report to MLflow")
+    args = ap.parse_args(argv)
+    mlflow.set_tracking_uri(args.tracking_uri or default_tracking_uri())
+    try:
+        text, data = build_report(args.experiment, args.layout, args.rows, args.cols, args.metric)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    if not args.no_log:
+        print(f"(logged as run {log_report(args.experiment, text, data)} of experiment {args.experiment})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
