@@ -83,6 +83,9 @@ def prepare(cfg: DictConfig):
                                             tta=bool(cfg.tta) and sp != "train") for sp in SPLITS},
                           num_workers=workers if workers is not None else 1, **common)
         prefix = net.prefix
+    # Re-seed: feature extraction draws from the global RNG only when the cache is cold, so without this the head's
+    # init and the dropout stream would depend on what was cached (cached vs naive, warm vs cold runs).
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     head = build_head(net.dim, len(spec.classes), cfg.model.head.hidden, cfg.model.head.dropout)
     module = HSClassifier(net.suffix, head, len(spec.classes), instantiate(cfg.optimizer),
                           backbone_lr_scale=cfg.model.backbone_lr_scale, label_smoothing=cfg.label_smoothing,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from hsflow.features import worker_context
 
@@ -24,8 +24,11 @@ class HSDataModule(pl.LightningDataModule):
         ds = self.splits[split]
         # Tensors in memory need no worker processes; photos do (decoding).
         workers = 0 if isinstance(ds, TensorDataset) else self.num_workers
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=workers, generator=gen,
+        # The shuffle order has its own generator: worker seeding draws from the loader's generator on every
+        # fresh iterator, which would make the order depend on the number (and persistence) of workers.
+        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(self.seed)) if shuffle else None
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
+                          generator=torch.Generator().manual_seed(self.seed + 1),
                           pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                           multiprocessing_context=worker_context(workers))
 

@@ -77,7 +77,7 @@ def _efficientnet_lite(name: str, pretrained: bool) -> Backbone:
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name(name.replace("_", "-"))
-    weights_id = "random"
+    weights_id = f"random:{torch.initial_seed()}"  # random init depends on the seed: never share its features
     if pretrained:
         module, cls = _LITE_PACKAGES[name]
         path = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
@@ -124,7 +124,7 @@ def _torchvision(name: str, pretrained: bool, allow_download: bool) -> Backbone:
     build, weights = builders[name]
     kwargs = {"aux_logits": True, "init_weights": False} if name == "inception_v3" else {}
     net = build(weights=None, **kwargs)
-    weights_id = "random"
+    weights_id = f"random:{torch.initial_seed()}"  # random init depends on the seed: never share its features
     if pretrained:
         net.load_state_dict(_load_torchvision_state(weights, name, allow_download))
         weights_id = os.path.basename(weights.url)

@@ -46,6 +46,14 @@ class HSClassifier(pl.LightningModule):
         self.test_logits: list[torch.Tensor] = []
         self.input_dim = input_dim  # dims of one input without batch: 1 pooled vector, 3 feature map/image
 
+    def train(self, mode: bool = True):
+        # The frozen prefix is a fixed function (as when its outputs are cached): its batch-norm layers must keep
+        # their ImageNet statistics even while the head trains.
+        super().train(mode)
+        if self.prefix is not None:
+            self.prefix.eval()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == self.input_dim + 2:  # (batch, views, ...): test-time augmentation, average the logits
             b, v = x.shape[:2]
