@@ -18,4 +18,4 @@ if not OmegaConf.has_resolver("hsflow_root"):
 def default_tracking_uri() -> str:
     """The tracking store hsflow.train logs to by default (conf/logger/mlflow.yaml): $MLFLOW_TRACKING_URI or the
     SQLite file in the project directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT_DIR / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(ROOT_DIR) / 'mlflow.db'}"

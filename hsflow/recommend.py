@@ -1,0 +1,338 @@
+"""`python -m hsflow.recommend --model URI PATH...`: the top-k HS codes for product photos, with the nomenclature.
+
+For each photo: the k most probable codes with their calibrated probability and the official descriptions of
+subheading, heading and chapter, the probabilities rolled up to chapters and headings, and `needs_review` when the
+top probability is under the model's review threshold (chosen on validation for a target precision). Photos are
+decoded and preprocessed exactly as training did (`open_rgb` with JPEG draft decoding at the resize size, then
+the model's preprocessing), so top-1 on a test split equals the test top-1 the training run logged.
+
+Exit status: 0 every photo recommended, 1 some photo failed (its own error line), 2 usage error (bad option,
+model that cannot be loaded, no photo found).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from hsflow import hs  # noqa: E402
+from hsflow.config import default_tracking_uri  # noqa: E402
+from hsflow.features import default_workers  # noqa: E402
+from hsflow.images import PhotoError, open_rgb  # noqa: E402
+from hsflow.models.package import HSModel  # noqa: E402
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+PROGRESS_MIN = 100  # photos; fewer finish before a bar is worth drawing
+
+
+@dataclass
+class Recommendation:
+    image: str                      # the photo; with group_by="folder", the folder
+    candidates: list[dict]          # {hs_code, probability, description, heading, chapter}, best first
+    rollup: dict                    # {"chapters": {code: p}, "headings": {code: p}}, the top_k of each
+    needs_review: bool
+    error: str | None = None        # one line '<path>: <reason>' when the photo could not be used
+    images: list[str] | None = None  # group_by="folder": the photos whose probabilities were combined
+    totals: dict = field(default_factory=dict, repr=False)  # the rollup over every chapter and heading (table)
+
+    def to_dict(self) -> dict:
+        where = {"image": self.image} if self.images is None else {"folder": self.image, "images": self.images}
+        return {**where, "candidates": self.candidates, "rollup": self.rollup, "needs_review": self.needs_review,
+                "error": self.error}
+
+
+# --- model -------------------------------------------------------------------------------------------------------
+
+def tracking_uri() -> str:
+    """The store `hsflow.train` logs to by default: MLFLOW_TRACKING_URI, else the project's SQLite file."""
+    return default_tracking_uri()
+
+
+def load(uri: str) -> HSModel:
+    """An hsflow model from a local folder or an MLflow URI (runs:/<id>/model, models:/<name>/<version>).
+
+    Only JSON and tensors are read (`torch.load(weights_only=True)`): no pickled code runs, whatever the source.
+    """
+    if Path(uri).exists():
+        return HSModel.load(Path(uri))
+    if ":/" not in uri:
+        raise FileNotFoundError(f"no such folder, and not an MLflow URI (runs:/<run id>/model, "
+                                f"models:/<name>/<version>)")
+    import mlflow
+
+    store = tracking_uri()
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(f"no tracking store at {store} (train a model first, or set MLFLOW_TRACKING_URI)")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for errors
+    with _global_tracking_uri(store), tempfile.TemporaryDirectory(prefix="hsflow-model-") as tmp:
+        return HSModel.load(Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)))
+
+
+@contextmanager
+def _global_tracking_uri(uri: str):
+    """Point MLflow's process-wide tracking URI at `uri`, then restore it and MLFLOW_TRACKING_URI exactly.
+
+    MLflow 3 resolves runs:/ and models:/ URIs to logged models partly through the global URI (a default client
+    inside ModelsArtifactRepository ignores download_artifacts' tracking_uri), so the argument alone is not enough.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved, saved_env = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+def load_error(uri: str, exc: Exception) -> str:
+    """The reason a model did not load, in one line."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "refused: weights.pt holds objects other than tensors (read with torch.load(weights_only=True))"
+    if isinstance(exc, KeyError):
+        return f"not an hsflow model (meta.json lacks {exc})"
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{reason} (tracking store {tracking_uri()})" if ":/" in uri and not Path(uri).exists() else reason
+
+
+# --- photos ------------------------------------------------------------------------------------------------------
+
+def expand(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given (whatever their name: a bad one fails on its own line) and image files under folders,
+    recursively, in sorted order; duplicates once."""
+    out: dict[Path, None] = {}
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.update(dict.fromkeys(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS
+                                            and f.is_file() and not f.name.startswith("."))))
+        else:
+            out[p] = None
+    return list(out)
+
+
+class _Photos(Dataset):
+    """What training's PhotoDataset does for an original photo, with failures returned instead of raised so one
+    bad file never stops a batch."""
+
+    def __init__(self, files: list[Path], preprocess, draft_size: int | None):
+        self.files, self.preprocess, self.draft = files, preprocess, draft_size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.preprocess(open_rgb(self.files[i], draft_size=self.draft)), None
+        except PhotoError as exc:
+            return i, None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on one odd file must not end the batch
+            return i, None, str(PhotoError(self.files[i], f"cannot process ({type(exc).__name__}: {exc})"))
+
+
+def _collate(items):
+    ok = [(i, x) for i, x, _ in items if x is not None]
+    batch = torch.stack([x for _, x in ok]) if ok else None
+    return [i for i, _ in ok], batch, [(i, e) for i, _, e in items if e is not None]
+
+
+def predict(model: HSModel, files: list[Path], *, batch_size: int = 32, num_workers: int | None = None,
+            device: str | None = None, progress: bool | None = None) -> Iterator[tuple[Path, torch.Tensor | None,
+                                                                                      str | None]]:
+    """(file, calibrated probabilities or None, error or None) per file, in order, streamed batch by batch."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net = model.net.to(device).eval()
+    if device.startswith("cuda"):
+        net.to(memory_format=torch.channels_last)
+    batches = math.ceil(len(files) / batch_size)
+    workers = default_workers() if num_workers is None else num_workers
+    loader = DataLoader(_Photos(files, model.preprocess(), model.meta["preprocess"]["resize"]),
+                        batch_size=batch_size, collate_fn=_collate, num_workers=min(workers, batches) if batches > 1
+                        else 0, pin_memory=device.startswith("cuda"))
+    disable = (len(files) < PROGRESS_MIN or None) if progress is None else not progress  # None: only on a TTY
+    with tqdm(total=len(files), desc="recommend", unit="photo", disable=disable, file=sys.stderr) as bar:
+        for idx, x, errors in loader:
+            out: dict[int, tuple] = {i: (None, e) for i, e in errors}
+            if x is not None:
+                probs = model.probabilities(x.to(device, non_blocking=True)).float().cpu()
+                out.update({i: (p, None) for i, p in zip(idx, probs)})
+            for i in sorted(out):
+                yield files[i], *out[i]
+            bar.update(len(out))
+
+
+# --- recommendations ---------------------------------------------------------------------------------------------
+
+def candidates(probs: torch.Tensor, classes: list[str], top_k: int) -> list[dict]:
+    values, index = probs.topk(min(top_k, len(classes)))
+    out = []
+    for p, i in zip(values.tolist(), index.tolist()):
+        info = hs.describe(classes[i])
+        out.append({"hs_code": info.hs_code, "probability": p, "description": info.description,
+                    "heading": info.heading, "chapter": info.chapter})
+    return out
+
+
+def full_rollup(probs: torch.Tensor, classes: list[str]) -> dict:
+    by_code = dict(zip(classes, probs.tolist()))
+    return {"chapters": hs.chapters(by_code), "headings": hs.headings(by_code)}
+
+
+def _recommendation(image: str, probs: torch.Tensor, model: HSModel, top_k: int, images=None) -> Recommendation:
+    roll = full_rollup(probs, model.classes)
+    top = {level: dict(list(sums.items())[:top_k]) for level, sums in roll.items()}
+    threshold = float(model.meta.get("review_threshold", 0.0))
+    return Recommendation(image, candidates(probs, model.classes, top_k), top, float(probs.max()) < threshold,
+                          images=images, totals=roll)
+
+
+def _failed(image: str, error: str, images=None) -> Recommendation:
+    return Recommendation(image, [], {}, True, error, images)
+
+
+def recommend(model: HSModel | str, paths: Iterable[str | Path], top_k: int = 5, *, group_by: str = "none",
+              batch_size: int = 32, num_workers: int | None = None, device: str | None = None,
+              progress: bool | None = None) -> list[Recommendation]:
+    """Recommendations for photo files and folders (recursively), one per photo in input order.
+
+    `group_by="folder"`: one per folder, from the mean of its photos' probabilities (each photo counts equally;
+    the mean of calibrated probabilities stays a distribution), after one failed-photo record per unreadable photo.
+    `model` is an HSModel or a URI for `load`; its network moves to `device` (default: CUDA when available).
+    """
+    return list(iter_recommend(model, paths, top_k, group_by=group_by, batch_size=batch_size,
+                               num_workers=num_workers, device=device, progress=progress))
+
+
+def iter_recommend(model: HSModel | str, paths: Iterable[str | Path], top_k: int = 5, *, group_by: str = "none",
+                   batch_size: int = 32, num_workers: int | None = None, device: str | None = None,
+                   progress: bool | None = None) -> Iterator[Recommendation]:
+    """`recommend`, streamed: per-photo results come as each batch finishes."""
+    if group_by not in ("none", "folder"):
+        raise ValueError(f"group_by={group_by!r}: choose none or folder")
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k}: must be at least 1")
+    model = load(model) if isinstance(model, str) else model
+    files = expand(paths)
+    stream = predict(model, files, batch_size=batch_size, num_workers=num_workers, device=device,
+                     progress=progress)
+    if group_by == "none":
+        for f, probs, error in stream:
+            yield _failed(str(f), error) if probs is None else _recommendation(str(f), probs, model, top_k)
+        return
+    groups: dict[Path, list[tuple[Path, torch.Tensor]]] = {}
+    for f, probs, error in stream:
+        group = groups.setdefault(f.parent, [])
+        if probs is None:
+            yield _failed(str(f), error)
+        else:
+            group.append((f, probs))
+    for folder, members in groups.items():
+        if not members:
+            yield _failed(str(folder), f"{folder}: no usable photo in this folder", images=[])
+            continue
+        mean = torch.stack([p for _, p in members]).mean(0)
+        yield _recommendation(str(folder), mean, model, top_k, images=[str(f) for f, _ in members])
+
+
+# --- output ------------------------------------------------------------------------------------------------------
+
+def to_json(rec: Recommendation) -> str:
+    d = rec.to_dict()
+    for c in d["candidates"]:
+        c["probability"] = round(c["probability"], 6)
+    d["rollup"] = {level: {k: round(v, 6) for k, v in sums.items()} for level, sums in d["rollup"].items()}
+    return json.dumps(d, ensure_ascii=False)
+
+
+def _clip(text: str | None, width: int) -> str:
+    text = text or ""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def to_table(rec: Recommendation) -> str:
+    """A block per photo (or folder): each code with its probability and, beside it, its chapter's and heading's
+    rolled-up probability; the top code's heading and chapter described below."""
+    sums = rec.totals or rec.rollup
+    title = rec.image + (f"  ({len(rec.images)} photos, mean probabilities)" if rec.images is not None else "")
+    lines = [title + ("  [NEEDS REVIEW]" if rec.needs_review else "")]
+    for n, c in enumerate(rec.candidates, 1):
+        code = c["hs_code"]
+        beside = f"chapter {code[:2]}: {sums['chapters'].get(code[:2], 0.0):.2f}"
+        if not hs.is_catch_all(code):
+            beside += f"; heading {code[:4]}: {sums['headings'].get(code[:4], 0.0):.2f}"
+        lines.append(f"  {n:>2}. {hs.display(code)}  {c['probability']:.3f}  {beside:<34}  "
+                     f"{_clip(c['description'], 70)}")
+    if rec.candidates:
+        top = rec.candidates[0]["hs_code"]
+        info = hs.describe(top)
+        where = [f"heading {top[:4]}: {_clip(info.heading, 60)}"] if info.heading else []
+        where.append(f"chapter {top[:2]}: {_clip(info.chapter, 60)}")
+        lines.append("      " + " | ".join(where))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hsflow.recommend", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="runs:/<run id>/model, models:/<name>/<version> or a folder")
+    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--format", choices=("table", "json"), default="table")
+    ap.add_argument("--group-by", choices=("none", "folder"), default="none",
+                    help="folder: one recommendation per folder from the mean of its photos' probabilities")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: cores - 1)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    ap.add_argument("paths", nargs="+", metavar="PATH", help="photo files or folders (searched recursively)")
+    args = ap.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1 or (args.num_workers or 0) < 0:
+        ap.error("--top-k and --batch-size must be at least 1, --num-workers at least 0")
+    files = expand(args.paths)
+    if not files:
+        print(f"error: no photos found in {' '.join(args.paths)}", file=sys.stderr)
+        return 2
+    try:
+        model = load(args.model)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is one line, never a traceback
+        print(f"error: cannot load model {args.model!r}: {load_error(args.model, exc)}", file=sys.stderr)
+        return 2
+
+    failed = 0
+    try:
+        for rec in iter_recommend(model, files, args.top_k, group_by=args.group_by, batch_size=args.batch_size,
+                                  num_workers=args.num_workers, device=args.device):
+            if rec.error:
+                failed += rec.images is None
+                if args.format == "table":
+                    print(f"error: {rec.error}", file=sys.stderr, flush=True)
+            if args.format == "json":
+                print(to_json(rec), flush=True)
+            elif not rec.error:
+                print(to_table(rec) + "\n", flush=True)
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as a Unix filter does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    if failed:
+        print(f"{failed} of {len(files)} photos failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
