@@ -20,13 +20,21 @@ def experiment_id(cfg: DictConfig) -> str:
     """Point MLflow at the configured store and get (or create) the experiment."""
     uri = str(cfg.logger.tracking_uri)
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(cfg.logger.experiment_name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):  # keep artifacts beside the SQLite file, not wherever the command ran
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return mlflow.create_experiment(cfg.logger.experiment_name, artifact_location=location)
+    if not uri.startswith("sqlite:///"):
+        return _get_or_create(cfg.logger.experiment_name, None)
+    # Parallel sweep jobs (joblib, submitit_local) on a fresh SQLite file would race to create its tables and the
+    # experiment: one process at a time does it. Artifacts live beside the SQLite file, not where the command ran.
+    from filelock import FileLock
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=300):
+        return _get_or_create(cfg.logger.experiment_name, (db.parent / "mlartifacts").resolve().as_uri())
+
+
+def _get_or_create(name: str, location: str | None) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else mlflow.create_experiment(name, artifact_location=location)
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:

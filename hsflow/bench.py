@@ -1,0 +1,194 @@
+"""`make bench` / `python -m hsflow.bench`: hsflow's speed figures measured side by side in one run.
+
+    a. cache     the naive loop (backbone forward every epoch, as the study trained) vs hsflow's cached loop:
+                 same dataset, backbone, epochs and seed; wall-clock ratio and both test top-1
+    b. recommend hsflow.recommend photos/s from files on disk vs the raw network forward on tensors already in
+                 memory, same batch size: what the input pipeline costs
+    c. decode    photos/s of the input pipeline alone (decode with JPEG draft + preprocess, DataLoader workers)
+    d. crawl     crawler rulings/s against the local portal stand-in with throttling off
+
+Printed as a table and written to bench/results.json. Runs on CPU here and on the GPU where there is one.
+Training runs go to the MLflow experiment `bench` in a temporary store (the project's store stays clean).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+
+from hsflow.config import ROOT_DIR  # noqa: E402
+
+SHARED_ARCHIVE = ROOT_DIR.parent / "shared" / "demo-portal"
+
+
+def _train(overrides: list[str], tmp: Path, name: str) -> dict:
+    """One `python -m hsflow.train` as a user runs it; wall-clock seconds and the run's test metrics."""
+    args = [sys.executable, "-m", "hsflow.train", *overrides, f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db",
+            f"hydra.run.dir={tmp}/outputs/{name}", "logger.experiment_name=bench", f"logger.run_name={name}",
+            "logger.log_model=false"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT_DIR)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench training {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    fields = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split())
+    return {"seconds": round(seconds, 1), "test_top1": float(fields["test_top1"]), "run_id": fields["run_id"]}
+
+
+def bench_cache(dataset: str, model: str, epochs: int, tmp: Path) -> dict:
+    common = [f"dataset={dataset}", f"model={model}", f"trainer.max_epochs={epochs}",
+              f"paths.cache_dir={tmp}/cache", "calibration.enabled=false"]
+    print(f"[cache] cached loop, cold cache ({dataset}, {model}, {epochs} epochs) ...", file=sys.stderr)
+    cold = _train([*common, "features=cached"], tmp, "cached-cold")
+    print("[cache] cached loop, warm cache ...", file=sys.stderr)
+    warm = _train([*common, "features=cached"], tmp, "cached-warm")
+    print("[cache] naive loop (backbone forward every step) ...", file=sys.stderr)
+    naive = _train([*common, "features=naive"], tmp, "naive")
+    return {"cache_speedup": round(naive["seconds"] / cold["seconds"], 1),
+            "cache_speedup_warm": round(naive["seconds"] / warm["seconds"], 1),
+            "cached_top1": cold["test_top1"], "cached_warm_top1": warm["test_top1"], "naive_top1": naive["test_top1"],
+            "naive_s": naive["seconds"], "cached_cold_s": cold["seconds"], "cached_warm_s": warm["seconds"],
+            "cache_setting": f"{dataset} x {model} x {epochs} epochs"}
+
+
+def _photos(n: int) -> list[Path]:
+    photos = sorted((ROOT_DIR / "data" / "demo" / "photos").glob("*.jpg"))
+    step = max(1, len(photos) // n)
+    return photos[::step][:n]
+
+
+def _model(name: str):
+    """A full network (frozen backbone + a head) as recommend serves it; the head's weights do not matter here."""
+    from hydra import compose, initialize_config_dir
+
+    from hsflow.config import CONF_DIR
+    from hsflow.data.transforms import preprocess_spec, spec_id
+    from hsflow.models.backbones import build_backbone, split_backbone
+    from hsflow.models.classifier import build_head
+    from hsflow.models.package import HSModel, assemble
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}"]).model
+    pre = preprocess_spec(cfg)
+    net = split_backbone(build_backbone(name, True), 0, spec_id(pre))
+    classes = [f"{i:02d}00000000" for i in range(1, 43)]
+    meta = {"backbone": name, "unfreeze": 0, "head": {"hidden": 0, "dropout": 0.5}, "classes": classes,
+            "preprocess": pre, "tta": False, "temperature": 1.0, "review_threshold": 0.5}
+    return HSModel(assemble(net.prefix, net.suffix, build_head(net.dim, len(classes), 0, 0.5)).eval(), meta)
+
+
+def bench_recommend(model_name: str, n: int, batch_size: int) -> dict:
+    from hsflow import recommend as R
+    from hsflow.features import PhotoDataset
+    from hsflow.images import open_rgb
+
+    model = _model(model_name)
+    files = _photos(n)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    R.recommend(model, files[:batch_size], batch_size=batch_size, device=device, progress=False)  # warm-up
+    t0 = time.perf_counter()
+    out = R.recommend(model, files, batch_size=batch_size, device=device, progress=False)
+    rec_s = time.perf_counter() - t0
+    assert all(r.error is None for r in out)
+
+    # The raw forward: the same photos already decoded and preprocessed, in memory, same batch size.
+    pre, draft = model.preprocess(), model.meta["preprocess"]["resize"]
+    x = torch.stack([pre(open_rgb(f, draft_size=draft)) for f in files])
+    model.net.to(device)
+    with torch.inference_mode():
+        model.probabilities(x[:batch_size].to(device))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(0, len(x), batch_size):
+            model.probabilities(x[i:i + batch_size].to(device))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        raw_s = time.perf_counter() - t0
+
+    # Decode alone: the DataLoader training and recommend use, no network.
+    from torch.utils.data import DataLoader
+
+    from hsflow.data.builder import Sample
+    from hsflow.features import default_workers
+
+    samples = [Sample(str(f), "", "", 0, "test") for f in files]
+    loader = DataLoader(PhotoDataset(samples, pre, None, draft), batch_size=batch_size,
+                        num_workers=default_workers())
+    t0 = time.perf_counter()
+    for _ in loader:
+        pass
+    dec_s = time.perf_counter() - t0
+    return {"recommend_photos_per_s": round(n / rec_s, 1), "forward_photos_per_s": round(n / raw_s, 1),
+            "recommend_vs_forward": round(raw_s / rec_s, 2), "decode_photos_per_s": round(n / dec_s, 1),
+            "photos": n, "batch_size": batch_size}
+
+
+def bench_crawl(archive: Path) -> dict:
+    from crawler.bench import crawl_rulings_per_s
+
+    r = crawl_rulings_per_s(archive)
+    return {"crawl_rulings_per_s": r["rulings_per_s"], "crawl_photos_per_s": r["photos_per_s"],
+            "crawl_rulings": r["rulings"], "crawl_seconds": r["seconds"], "crawl_archive": str(archive)}
+
+
+def table(results: dict) -> str:
+    rows = [("a", "naive / cached (cold cache) wall-clock", "cache_speedup", "x"),
+            ("a", "naive / cached (warm cache) wall-clock", "cache_speedup_warm", "x"),
+            ("a", "cached test top-1", "cached_top1", ""), ("a", "naive test top-1", "naive_top1", ""),
+            ("b", "recommend / raw forward (photos/s)", "recommend_vs_forward", ""),
+            ("b", "recommend photos/s", "recommend_photos_per_s", ""),
+            ("b", "raw forward photos/s", "forward_photos_per_s", ""),
+            ("c", "decode photos/s", "decode_photos_per_s", ""),
+            ("d", "crawl rulings/s (stand-in, no throttle)", "crawl_rulings_per_s", "")]
+    lines = ["| | measure | value |", "|---|---|---|"]
+    lines += [f"| {k} | {label} | {results[key]}{unit} |" for k, label, key, unit in rows if key in results]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hsflow.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="demo_ch08_balanced")
+    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--photos", type=int, default=320, help="photos for the recommend/decode figures")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--archive", type=Path, default=SHARED_ARCHIVE if SHARED_ARCHIVE.is_dir()
+                    else ROOT_DIR / "data" / "demo", help="what the crawler benchmark crawls")
+    ap.add_argument("--only", default="cache,recommend,crawl", help="comma-separated subset")
+    ap.add_argument("--out", type=Path, default=ROOT_DIR / "bench" / "results.json")
+    args = ap.parse_args(argv)
+    parts = set(args.only.split(","))
+    results: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+                     f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+                     "torch_threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with tempfile.TemporaryDirectory(prefix="hsflow-bench-") as tmp:
+        if "cache" in parts:
+            results |= bench_cache(args.dataset, args.model, args.epochs, Path(tmp))
+    if "recommend" in parts:
+        print("[recommend/decode] ...", file=sys.stderr)
+        results |= bench_recommend(args.model, args.photos, args.batch_size)
+    if "crawl" in parts:
+        print("[crawl] ...", file=sys.stderr)
+        results |= bench_crawl(args.archive)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    args.out.write_text(json.dumps(previous | results, indent=1) + "\n")  # a partial run keeps older figures
+    print(table(results))
+    print(f"(written to {args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
