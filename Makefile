@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED := 1
 install: .venv/.installed
 
 train: install            ## train the default model on the shipped demo (offline, CPU, minutes)
-	$(PY) -m hsflow.train $(ARGS)
+	$(PY) -m hsflow.train experiment=recommended $(ARGS)
 
 test: install             ## run the test suite
 	$(PY) -m pytest -q $(ARGS)

@@ -76,3 +76,13 @@ def test_wrong_override_is_a_clear_error(overrides, expected, tmp_path):
                           cwd=ROOT, timeout=300)
     assert proc.returncode != 0
     assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_make_train_default_is_the_recommended_experiment():
+    """`make train` trains experiment=recommended; an experiment may set top-level values too."""
+    assert "-m hsflow.train experiment=recommended" in (ROOT / "Makefile").read_text()
+    cfg = compose_cfg("experiment=recommended")
+    assert cfg.model.name == "efficientnet_lite1" and cfg.model.unfreeze == 0 and cfg.model.head.hidden == 512
+    assert cfg.scheduler == "cosine" and cfg.label_smoothing == 0.1 and cfg.optimizer.lr == 1e-3
+    study = compose_cfg("experiment=study_frozen")
+    assert study.optimizer._target_ == "torch.optim.RMSprop" and study.model.head.dropout == 0.5
