@@ -153,6 +153,9 @@ def run(cfg: DictConfig) -> dict:
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[checkpoint])
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         fitted = time.perf_counter()
+        # Read before testing: trainer.test() clears callback_metrics, and sweepers optimize this value.
+        val = trainer.callback_metrics.get("val_top1")
+        val = float(val) if val is not None else float("nan")
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
         test_logits = torch.cat(module.test_logits)
         test_y = torch.tensor([s.label for s in spec.split("test")])
@@ -186,9 +189,7 @@ def run(cfg: DictConfig) -> dict:
                     "test_top1": float(test["test_top1"])}
             tracking.log_model(HSModel(full, meta), cfg)
         mlflow.log_metric("total_minutes", (time.perf_counter() - started) / 60)
-        val = trainer.callback_metrics.get("val_top1")
-    return {"run_id": run_id, **{k: float(v) for k, v in test.items()},
-            "val_top1": float(val) if val is not None else float("nan")}
+    return {"run_id": run_id, **{k: float(v) for k, v in test.items()}, "val_top1": val}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
