@@ -128,14 +128,13 @@ def hierarchy_top1(logits: torch.Tensor, labels: torch.Tensor, classes: list[str
 def run(cfg: DictConfig) -> dict:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     started = time.perf_counter()
+    exp_id = tracking.experiment_id(cfg)
+    # A resume without a checkpoint fails here, before minutes of dataset building and feature extraction.
+    ckpt_path = resume_checkpoint(str(cfg.resume)) if cfg.get("resume") else None
     spec, net, pre, dm, module = prepare(cfg)
     prepared = time.perf_counter()
     summary = spec_summary(spec)
     log.info("dataset %s: %s", spec.name, summary)
-    exp_id = tracking.experiment_id(cfg)
-    ckpt_path = None
-    if cfg.get("resume"):
-        ckpt_path = resume_checkpoint(str(cfg.resume))
     with mlflow.start_run(run_id=cfg.get("resume") or None, experiment_id=None if cfg.get("resume") else exp_id,
                           run_name=None if cfg.get("resume") else cfg.logger.get("run_name")) as active:
         run_id = active.info.run_id
