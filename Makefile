@@ -5,6 +5,10 @@ PIP   := .venv/bin/pip
 # albumentations asks the internet for a newer release at import unless told not to; hsflow never downloads.
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
+# Keep freed feature-map memory in the heap instead of returning it to the kernel (3x faster CPU forwards; see
+# hsflow/__init__.py, which sets the same for `python -m hsflow.*` run by hand).
+export MALLOC_MMAP_THRESHOLD_ := 4294967296
+export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
 .PHONY: install train test bench ui crawl-demo clean
 

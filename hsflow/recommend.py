@@ -159,9 +159,7 @@ def predict(model: HSModel, files: list[Path], *, batch_size: int = 32, num_work
                                                                                       str | None]]:
     """(file, calibrated probabilities or None, error or None) per file, in order, streamed batch by batch."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = model.net.to(device).eval()
-    if device.startswith("cuda"):
-        net.to(memory_format=torch.channels_last)
+    net = model.net.to(device).eval().to(memory_format=torch.channels_last)  # as features.extract does
     batches = math.ceil(len(files) / batch_size)
     workers = default_workers() if num_workers is None else num_workers
     loader = DataLoader(_Photos(files, model.preprocess(), model.meta["preprocess"]["resize"]),

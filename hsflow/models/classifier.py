@@ -36,6 +36,8 @@ class HSClassifier(pl.LightningModule):
                  backbone_lr_scale: float = 0.1, label_smoothing: float = 0.0, scheduler: str = "none",
                  prefix: nn.Module | None = None, input_dim: int = 1):
         super().__init__()
+        if prefix is not None:  # the naive loop runs the frozen prefix as extraction does: channels-last
+            prefix = prefix.to(memory_format=torch.channels_last)
         self.prefix, self.suffix, self.head = prefix, suffix, head
         self.optimizer_factory, self.backbone_lr_scale, self.scheduler_name = optimizer, backbone_lr_scale, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
