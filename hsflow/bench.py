@@ -125,7 +125,7 @@ def bench_recommend(model_name: str, n: int, batch_size: int) -> dict:
 
     samples = [Sample(str(f), "", "", 0, "test") for f in files]
     loader = DataLoader(PhotoDataset(samples, pre, None, draft), batch_size=batch_size,
-                        num_workers=default_workers())
+                        num_workers=default_workers(device))
     t0 = time.perf_counter()
     for _ in loader:
         pass

@@ -47,8 +47,15 @@ class PhotoDataset(Dataset):
         return (torch.stack([x, torch.flip(x, dims=[-1])]) if self.tta else x), s.label
 
 
-def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+def default_workers(device: str = "cpu") -> int:
+    """DataLoader decoding processes when the user sets none. Feeding a GPU: all cores but one. On the CPU the
+    forward pass already keeps every core busy (torch threads = cores) and a decoding process preempts its threads:
+    on 2 cores recommend ran 78 photos/s decoding in-process vs 50 with one worker, and a cold training run 32 s vs
+    35 s. Machines with many cores get a few workers (not measured here; `num_workers=` overrides)."""
+    cores = os.cpu_count() or 2
+    if device.startswith("cuda"):
+        return max(1, min(8, cores - 1))
+    return 0 if cores <= 4 else min(4, cores // 4)
 
 
 def worker_context(num_workers: int):
@@ -92,7 +99,7 @@ def extract(samples: list[Sample], prefix: torch.nn.Module, preprocess, cache: F
             seen.add(k)
             todo.append(s)
     if todo:
-        workers = default_workers() if num_workers is None else num_workers
+        workers = default_workers(device) if num_workers is None else num_workers
         loader = DataLoader(PhotoDataset(todo, preprocess, augmenter, draft_size), batch_size=batch_size,
                             num_workers=workers, pin_memory=device.startswith("cuda"),
                             multiprocessing_context=worker_context(workers),

@@ -161,7 +161,7 @@ def predict(model: HSModel, files: list[Path], *, batch_size: int = 32, num_work
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = model.net.to(device).eval().to(memory_format=torch.channels_last)  # as features.extract does
     batches = math.ceil(len(files) / batch_size)
-    workers = default_workers() if num_workers is None else num_workers
+    workers = default_workers(device) if num_workers is None else num_workers
     loader = DataLoader(_Photos(files, model.preprocess(), model.meta["preprocess"]["resize"]),
                         batch_size=batch_size, collate_fn=_collate, num_workers=min(workers, batches) if batches > 1
                         else 0, pin_memory=device.startswith("cuda"))
@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-by", choices=("none", "folder"), default="none",
                     help="folder: one recommendation per folder from the mean of its photos' probabilities")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: cores - 1)")
+    ap.add_argument("--num-workers", type=int, default=None,
+                    help="decoding processes (default: cores - 1 on a GPU, none on a CPU of <= 4 cores)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     ap.add_argument("paths", nargs="+", metavar="PATH", help="photo files or folders (searched recursively)")
     args = ap.parse_args(argv)

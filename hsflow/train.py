@@ -27,7 +27,7 @@ from hsflow.config import CONF_DIR  # noqa: E402
 from hsflow.data.builder import SPLITS, build_dataset, spec_summary  # noqa: E402
 from hsflow.data.datamodule import HSDataModule  # noqa: E402
 from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id  # noqa: E402
-from hsflow.features import FeatureCache, PhotoDataset, extract  # noqa: E402
+from hsflow.features import FeatureCache, PhotoDataset, default_workers, extract  # noqa: E402
 from hsflow.models.backbones import WeightsMissing, build_backbone, split_backbone  # noqa: E402
 from hsflow.models.classifier import HSClassifier, build_head  # noqa: E402
 from hsflow.models.package import HSModel, assemble  # noqa: E402
@@ -81,7 +81,8 @@ def prepare(cfg: DictConfig):
     else:
         dm = HSDataModule({sp: PhotoDataset(spec.split(sp), preprocess, augmenter, pre["resize"],
                                             tta=bool(cfg.tta) and sp != "train") for sp in SPLITS},
-                          num_workers=workers if workers is not None else 1, **common)
+                          num_workers=workers if workers is not None else default_workers(_device(cfg)),
+                          **common)
         prefix = net.prefix
     # Re-seed: feature extraction draws from the global RNG only when the cache is cold, so without this the head's
     # init and the dropout stream would depend on what was cached (cached vs naive, warm vs cold runs).
