@@ -311,18 +311,25 @@ class Handler(BaseHTTPRequestHandler):
         p.count("not_found")
         self._send(404, "not found", "text/plain")
 
+    def _fault(self) -> bool:
+        """The portal's misbehaviour for list and detail requests: an error envelope, a 500 or a slow answer.
+        True when a faulty answer was sent instead of the real one."""
+        fault = self.portal.fault("envelope", "500", "slow")
+        if fault == "envelope":
+            self._json(ERROR_ENVELOPE)
+        elif fault == "500":
+            self._send(500, "<html><body>500 Internal Server Error</body></html>", "text/html")
+        elif fault == "slow":
+            time.sleep(self.portal.slow_s)
+        return fault in ("envelope", "500")
+
     def _list(self, form: dict, category: str, tpcd: str) -> None:
         p = self.portal
         p.count("list")
         if "prlstClsfCaseTpcd" not in form:
             return self._send(400, "Bad Request", "text/html")
-        fault = p.fault("envelope", "500", "slow")
-        if fault == "envelope":
-            return self._json(ERROR_ENVELOPE)
-        if fault == "500":
-            return self._send(500, "<html><body>500 Internal Server Error</body></html>", "text/html")
-        if fault == "slow":
-            time.sleep(p.slow_s)
+        if self._fault():
+            return
         if form["prlstClsfCaseTpcd"] != tpcd:  # another category's code under this path: empty, not an error
             return self._json({"uls_dmst": {"thisTotalCount": 0, "itemList": []}})
         st, ed = form.get("stDt") or "0000-00-00", form.get("edDt") or "9999-99-99"
@@ -351,13 +358,8 @@ class Handler(BaseHTTPRequestHandler):
     def _detail(self, form: dict, category: str, mttr: str | None) -> None:
         p = self.portal
         p.count("detail")
-        fault = p.fault("envelope", "500", "slow")
-        if fault == "envelope":
-            return self._json(ERROR_ENVELOPE)
-        if fault == "500":
-            return self._send(500, "<html><body>500 Internal Server Error</body></html>", "text/html")
-        if fault == "slow":
-            time.sleep(p.slow_s)
+        if self._fault():
+            return
         rrdc = form.get("rrdcNo", "")
         found = next((r for r in p.by_category.get(category, []) if r.fields["RRDC_NO"] == rrdc), None)
         if found is None or (mttr and form.get("mttrTpcd") != mttr):
