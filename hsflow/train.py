@@ -51,6 +51,8 @@ def prepare(cfg: DictConfig):
     """Dataset, split backbone, DataModule and LightningModule for a config (no MLflow yet)."""
     if cfg.features not in ("cached", "naive"):
         raise ValueError(f"features={cfg.features!r}: choose cached or naive")
+    device = _device(cfg)
+    workers = default_workers(device) if cfg.num_workers is None else cfg.num_workers  # decided once, for every loader
     spec = build_dataset(cfg.dataset, cfg.paths.raw_store, cache_dir=cfg.paths.cache_dir)
     if not spec.split("train") or not spec.split("test"):
         raise ValueError(f"dataset {spec.name}: empty train or test split ({spec_summary(spec)['photos']})")
@@ -62,27 +64,25 @@ def prepare(cfg: DictConfig):
                  if any(s.view > 0 for s in spec.samples) else None)
     labels = {sp: torch.tensor([s.label for s in spec.split(sp)], dtype=torch.long) for sp in SPLITS}
     common = dict(batch_size=int(cfg.batch_size), seed=int(cfg.seed))
-    workers = cfg.num_workers
 
     if cfg.features == "cached":
         cache = FeatureCache(cfg.paths.cache_dir, net.cache_id)
         feats = {}
         for sp in SPLITS:
             feats[sp] = extract(spec.split(sp), net.prefix, preprocess, cache, augmenter=augmenter,
-                                batch_size=int(cfg.batch_size), num_workers=workers, device=_device(cfg),
+                                batch_size=int(cfg.batch_size), num_workers=workers, device=device,
                                 draft_size=pre["resize"], desc=f"{cfg.model.name} features {sp}")
             if cfg.tta and sp != "train":
                 mirrored = extract(_with_mirror(spec.split(sp)), net.prefix, preprocess, cache,
                                    augmenter=Mirror(), batch_size=int(cfg.batch_size), num_workers=workers,
-                                   device=_device(cfg), draft_size=pre["resize"], desc=f"mirror {sp}")
+                                   device=device, draft_size=pre["resize"], desc=f"mirror {sp}")
                 feats[sp] = torch.stack([feats[sp], mirrored], dim=1)
         dm = HSDataModule.from_features(feats, labels, **common)
         prefix = None
     else:
         dm = HSDataModule({sp: PhotoDataset(spec.split(sp), preprocess, augmenter, pre["resize"],
                                             tta=bool(cfg.tta) and sp != "train") for sp in SPLITS},
-                          num_workers=workers if workers is not None else default_workers(_device(cfg)),
-                          **common)
+                          num_workers=workers, **common)
         prefix = net.prefix
     # Re-seed: feature extraction draws from the global RNG only when the cache is cold, so without this the head's
     # init and the dropout stream would depend on what was cached (cached vs naive, warm vs cold runs).
