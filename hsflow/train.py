@@ -53,6 +53,8 @@ def prepare(cfg: DictConfig):
         raise ValueError(f"features={cfg.features!r}: choose cached or naive")
     device = _device(cfg)
     workers = default_workers(device) if cfg.num_workers is None else cfg.num_workers  # decided once, for every loader
+    if not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"num_workers={cfg.num_workers!r}: give 0 or more decoding processes, or null for automatic")
     spec = build_dataset(cfg.dataset, cfg.paths.raw_store, cache_dir=cfg.paths.cache_dir)
     if not spec.split("train") or not spec.split("test"):
         raise ValueError(f"dataset {spec.name}: empty train or test split ({spec_summary(spec)['photos']})")

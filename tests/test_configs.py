@@ -68,6 +68,7 @@ def test_every_trainer_instantiates(name):
     (["model=resnet5"], "Could not find 'model/resnet5'"),
     (["model.unfreeze=99"], "model.unfreeze=99"),
     (["features=magic"], "features='magic'"),
+    (["num_workers=-2"], "num_workers=-2"),
     (["dataset.split.train=0.9"], "sum to 1"),
 ])
 def test_wrong_override_is_a_clear_error(overrides, expected, tmp_path):
