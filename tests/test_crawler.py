@@ -146,7 +146,7 @@ def test_standin_speaks_the_protocol():
         form = {"prlstClsfCaseTpcd": "01", "stDt": "2007-01-01", "edDt": "2019-12-31", "pageIndex": 1,
                 "pageUnit": 100}
         answer = json.loads(post("/retrieveDmstPrlstClsfCaseLst2.do", form))["uls_dmst"]
-        assert answer["thisTotalCount"] == 943 and len(answer["itemList"]) == 100
+        assert answer["thisTotalCount"] == 955 and len(answer["itemList"]) == 100
         assert post("/retrieveDmstPrlstClsfCaseLst2.do", form, headers=False).startswith("<!DOCTYPE html>")
         assert "uls_dmst" not in post("/retrieveDmstPrlstClsfCaseLst2.do", {**form, "pageIndex": 29,
                                                                             "pageUnit": 10})
@@ -160,7 +160,7 @@ def test_standin_speaks_the_protocol():
 # -- real crawls --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def full_crawl(tmp_path_factory):
-    """One clean crawl of the whole demo archive (943 rulings, 2,936 photos)."""
+    """One clean crawl of the whole demo archive (955 rulings, 2,936 photos)."""
     if not (ARCHIVE / "rulings.jsonl").is_file():
         pytest.skip(f"the demo archive {ARCHIVE} is absent")
     store = tmp_path_factory.mktemp("full") / "store"
@@ -176,11 +176,11 @@ def full_crawl(tmp_path_factory):
 
 def test_full_crawl_stores_every_ruling_and_photo_byte_identical(full_crawl):
     store, stats = full_crawl
-    assert hs(stats, "rulings_stored") == 943 and hs(stats, "photos_stored") == 2936
+    assert hs(stats, "rulings_stored") == 955 and hs(stats, "photos_stored") == 2936
     assert not any(k.startswith("hsflow/refused/") for k in stats)
     assert_store_matches(store, archive_records())
     info = RawStore(store).info()
-    assert (info["rulings"], info["photos"], info["codes"], info["undecodable_photos"]) == (943, 2936, 42, 0)
+    assert (info["rulings"], info["photos"], info["codes"], info["undecodable_photos"]) == (955, 2936, 42, 0)
     # The shipped demo's record format (trains the same way): same keys, photo entries with the same keys.
     demo = json.loads(next((DEMO_STORE / "rulings").glob("*.json")).read_text())
     ours = next(RawStore(store).rulings())
@@ -195,7 +195,7 @@ def test_rerun_over_complete_store_requests_no_detail_or_photo(full_crawl):
     with serve(ARCHIVE) as portal:
         rc, stats = crawl(portal.url, store, settings=FAST)
     assert rc == 0
-    assert hs(stats, "rulings_skipped_stored") == 943 and hs(stats, "rulings_stored") == 0
+    assert hs(stats, "rulings_skipped_stored") == 955 and hs(stats, "rulings_stored") == 0
     assert hs(stats, "requests/detail") == 0 and hs(stats, "requests/photo") == 0
     assert portal.counts["detail"] == 0 and portal.counts["photo"] == 0
 
@@ -318,4 +318,4 @@ def test_crawl_of_a_raw_store_gives_back_its_records(tiny_store, tmp_path):
 
 def test_standin_serves_a_raw_store_too():
     rulings, files = load(DEMO_STORE)
-    assert len(rulings) == 943 and len(files) == 2936 and all(r.category == "rulings" for r in rulings)
+    assert len(rulings) == 955 and len(files) == 2936 and all(r.category == "rulings" for r in rulings)
