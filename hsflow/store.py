@@ -85,6 +85,7 @@ class Photo:
     height: int
     rrdc_no: str
     hs_code: str
+    date: str = ""  # the ruling's enforcement date (ENFR_DT, YYYY-MM-DD); "" when the record has none
 
 
 class RawStore:
@@ -120,7 +121,7 @@ class RawStore:
         for r in self.rulings():
             for p in r.get("photos", []):
                 yield Photo(self.root / "photos" / p["file"], p["file"], p["sha256"], p["width"], p["height"],
-                            r["rrdc_no"], r["hs_code"])
+                            r["rrdc_no"], r["hs_code"], ruling_date(r))
 
     # -- writing ------------------------------------------------------------------------------------------------
     def photo_path(self, name: str) -> Path:
@@ -168,6 +169,13 @@ class RawStore:
         return {"path": str(self.root), "rulings": n_rulings, "photos": n_photos, "codes": len(codes),
                 "photos_per_chapter": dict(sorted(per_chapter.items())), "undecodable_photos": len(bad),
                 "undecodable": bad}
+
+
+def ruling_date(record: dict) -> str:
+    """The ruling's enforcement date as YYYY-MM-DD ("" when missing): the portal writes 2016-04-06 or 20160406."""
+    raw = str((record.get("fields") or {}).get("ENFR_DT") or "")
+    digits = re.sub(r"\D", "", raw)
+    return f"{digits[:4]}-{digits[4:6]}-{digits[6:8]}" if len(digits) >= 8 else ""
 
 
 def ruling_record(fields: dict, category: str, photos: list[dict]) -> dict:

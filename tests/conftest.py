@@ -5,6 +5,7 @@ so the suite stays within minutes on 2 cores.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -23,19 +24,23 @@ PY = sys.executable
 
 # 3 codes from 3 chapters, a handful of rulings each: ~50 photos.
 TINY_CODES = {"0808100000": 6, "0401200000": 5, "2009120000": 5}
+LATE_PER_YEAR = 1  # of those, rulings taken from each of 2018 and 2019, so the default dated split has val and test
 
 
 def make_tiny_store(dst: Path, codes: dict[str, int] = TINY_CODES) -> Path:
-    """Copy the first N rulings of each code (with their photos) from the shipped demo into a new store."""
+    """Copy N rulings of each code (with their photos) from the shipped demo into a new store: the first of 2018
+    and of 2019 (the demo's dated validation and test years), then the earliest ones."""
     (dst / "rulings").mkdir(parents=True)
     (dst / "photos").mkdir()
     shutil.copy(DEMO / "STORE.json", dst / "STORE.json")
-    taken = dict.fromkeys(codes, 0)
+    taken = collections.Counter()
     for path in sorted((DEMO / "rulings").glob("*.json")):
         rec = json.loads(path.read_text())
-        code = rec["hs_code"]
-        if code in codes and taken[code] < codes[code]:
-            taken[code] += 1
+        code, year = rec["hs_code"], rec["fields"]["ENFR_DT"][:4]
+        period = year if year >= "2018" else "early"
+        quota = LATE_PER_YEAR if period != "early" else codes.get(code, 0) - 2 * LATE_PER_YEAR
+        if code in codes and taken[code, period] < quota:
+            taken[code, period] += 1
             shutil.copy(path, dst / "rulings" / path.name)
             for p in rec["photos"]:
                 shutil.copy(DEMO / "photos" / p["file"], dst / "photos" / p["file"])

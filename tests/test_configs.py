@@ -26,8 +26,8 @@ def test_defaults_reproduce_the_study():
     cfg = compose_cfg()
     assert cfg.batch_size == 32 and cfg.optimizer._target_ == "torch.optim.RMSprop" and cfg.optimizer.lr == 1e-4
     assert cfg.model.name == "efficientnet_lite0" and cfg.model.unfreeze == 0 and cfg.model.head.dropout == 0.5
-    assert cfg.dataset.name == "demo" and dict(cfg.dataset.split) == {"train": 0.7, "val": 0.15, "test": 0.15,
-                                                                      "seed": 42}
+    assert cfg.dataset.name == "demo" and dict(cfg.dataset.split) == {
+        "by": "date", "cuts": ["2018-01-01", "2019-01-01"], "train": 0.7, "val": 0.15, "test": 0.15, "seed": 42}
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -69,7 +69,8 @@ def test_every_trainer_instantiates(name):
     (["model.unfreeze=99"], "model.unfreeze=99"),
     (["features=magic"], "features='magic'"),
     (["num_workers=-2"], "num_workers=-2"),
-    (["dataset.split.train=0.9"], "sum to 1"),
+    (["dataset.split.by=ruling", "dataset.split.train=0.9"], "sum to 1"),
+    (["dataset.split.by=month"], "split.by"),
 ])
 def test_wrong_override_is_a_clear_error(overrides, expected, tmp_path):
     proc = subprocess.run([PY, "-m", "hsflow.train", *overrides, f"hydra.run.dir={tmp_path}",

@@ -110,11 +110,12 @@ def test_near_duplicates_never_straddle_the_split(tmp_path):
     # Copy a photo of every ruling into the next one: a chain that links all rulings of the class.
     for i in range(len(paths) - 1):
         _copy_photo_into(store, recs[i], paths[i + 1], f"0808100000_{recs[i + 1]['rrdc_no']}_dup{i}.jpg")
-    cfg = compose_cfg("dataset.split.train=0.5", "dataset.split.val=0.2", "dataset.split.test=0.3")
-    spec = build_dataset(cfg.dataset, store, cache_dir=tmp_path, verbose=False)
+    by_ruling = ("dataset.split.by=ruling", "dataset.split.train=0.5", "dataset.split.val=0.2",
+                 "dataset.split.test=0.3")
+    spec = build_dataset(compose_cfg(*by_ruling).dataset, store, cache_dir=tmp_path, verbose=False)
     assert spec.near_duplicates  # found ...
     assert len({s.split for s in spec.samples}) == 1  # ... and the linked rulings all went to one side
-    off = build_dataset(compose_cfg("dataset.quality.near_duplicates.max_distance=null").dataset, store,
+    off = build_dataset(compose_cfg(*by_ruling, "dataset.quality.near_duplicates.max_distance=null").dataset, store,
                         cache_dir=tmp_path, verbose=False)
     assert len({s.split for s in off.samples}) == 3  # without the rule the same rulings do straddle
 
@@ -162,3 +163,49 @@ def test_photo_stats_are_cached_by_content(tmp_path):
 def test_test_fill_needs_a_size(stats_cache):
     with pytest.raises(ValueError, match="fill.test"):
         build("demo_ch08_imbalanced", stats_cache, "dataset.test_fill_with_generated=true")
+
+
+# --- the dated split (dataset=demo's default) -----------------------------------------------------------------------
+
+def _dates(store):
+    return {r["rrdc_no"]: r["fields"]["ENFR_DT"] for r in RawStore(store).rulings()}
+
+
+def test_dated_split_keeps_time_order_on_the_demo(stats_cache):
+    spec = build("demo", stats_cache)
+    dates = _dates(DEMO)
+    for s in spec.samples:
+        d = dates[s.rrdc_no]
+        assert (s.split == "train") == (d < "2018-01-01") and (s.split == "test") == (d >= "2019-01-01"), (s, d)
+    assert spec_summary(spec)["photos"] == {"train": 2640, "val": 147, "test": 149}
+    assert spec.protocol.startswith("date:") and build("demo_top5", stats_cache).protocol.startswith("ruling:")
+    assert_leak_free(spec)
+
+
+def test_dated_split_moves_a_look_alike_forward_never_back(tmp_path):
+    """A near-duplicate linking a 2007 ruling to a 2019 one: both go to test; nothing dated after a cut trains."""
+    store = make_tiny_store(tmp_path / "store", {"0808100000": 6})
+    paths = sorted((store / "rulings").glob("*.json"))
+    recs = {p: json.loads(p.read_text()) for p in paths}
+    late = [p for p in paths if recs[p]["fields"]["ENFR_DT"] >= "2019"][0]
+    early = paths[0]
+    _copy_photo_into(store, recs[late], early, f"0808100000_{recs[early]['rrdc_no']}_dup.jpg")
+    spec = build_dataset(compose_cfg().dataset, store, cache_dir=tmp_path, verbose=False)
+    side = {s.rrdc_no: s.split for s in spec.samples}
+    assert side[recs[early]["rrdc_no"]] == "test" == side[recs[late]["rrdc_no"]]
+    dates = _dates(store)
+    assert all(dates[s.rrdc_no] < "2018-01-01" for s in spec.split("train"))
+
+
+def test_a_cut_that_empties_a_period_fails_before_decoding(tmp_path, monkeypatch):
+    import hsflow.data.builder as builder
+
+    def no_decoding(*a, **k):
+        raise AssertionError("photos were decoded before the cut dates were checked")
+
+    monkeypatch.setattr(builder, "usable_photos", no_decoding)
+    cfg = compose_cfg("dataset.split.cuts=[2018-01-01,2030-01-01]")
+    with pytest.raises(ValueError, match=r"leave the test period empty \(rulings dated 2007-.* \.\. 2019-"):
+        build_dataset(cfg.dataset, DEMO, cache_dir=tmp_path, verbose=False)
+    with pytest.raises(ValueError, match="split.cuts"):
+        build_dataset(compose_cfg("dataset.split.cuts=[2019-01-01,2018-01-01]").dataset, DEMO, cache_dir=tmp_path)

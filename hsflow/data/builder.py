@@ -3,8 +3,10 @@
 Steps, in order: read the store's photos (of one chapter, if asked) -> drop photos that do not decode (one warning
 line each) -> the quality rules (size, blur, near-duplicates; hsflow.data.quality) -> choose the classes (the N
 largest codes, the rest relabelled to a catch-all code or dropped) -> split by ruling (rulings linked by
-near-duplicate photos move together), stratified per class, seeded -> per-class caps on originals -> generated
-copies (views) to fill training to a per-class size (and, only when asked, the test split: the study's protocol).
+near-duplicate photos move together), stratified per class, seeded (`split.by: ruling`, the study's protocol), or
+by the rulings' dates (`split.by: date`: before the first cut trains, then validation, then test: what a user
+meets when new imports arrive) -> per-class caps on originals -> generated copies (views) to fill training to a
+per-class size (and, only when asked, the test split: the study's protocol).
 
 The split depends only on the store, the dataset config and the seed, never on the backbone or the epochs, so a
 grid of models compares on the same photos.
@@ -47,6 +49,7 @@ class DatasetSpec:
     skipped: list[str] = field(default_factory=list)  # "path: reason" of photos left out
     removed: dict = field(default_factory=dict)  # photos removed per rule (undecodable, quality filter)
     near_duplicates: list[list[str]] = field(default_factory=list)  # clusters kept on one side of the split
+    protocol: str = ""  # how the split was drawn (builder.protocol): reported beside every figure
 
     def split(self, name: str, *, originals_only: bool = False) -> list[Sample]:
         return [s for s in self.samples if s.split == name and (s.view == 0 or not originals_only)]
@@ -123,6 +126,28 @@ def split_by_ruling(groups: dict[str, list[Photo]], fractions: dict[str, float],
     return out
 
 
+def split_by_date(groups: dict[str, list[Photo]], cuts: list[str]) -> dict[str, str]:
+    """Assign whole split units by date: before cuts[0] trains, [cuts[0], cuts[1]) validates, from cuts[1] tests.
+
+    A unit (rulings linked by near-duplicate photos) goes where its latest ruling falls, so no ruling dated after
+    a cut ever reaches the training side (an earlier look-alike moves forward instead)."""
+    out = {}
+    for key, photos in groups.items():
+        latest = max(p.date for p in photos)
+        out[key] = "train" if latest < cuts[0] else "val" if latest < cuts[1] else "test"
+    return out
+
+
+def _date_cuts(cfg: DictConfig) -> list[str]:
+    cuts = [str(c) for c in (cfg.split.get("cuts") or [])]
+    import re
+
+    if len(cuts) != 2 or not all(re.fullmatch(r"\d{4}-\d{2}-\d{2}", c) for c in cuts) or cuts[0] >= cuts[1]:
+        raise ValueError(f"dataset.split.cuts={cuts}: give two dates YYYY-MM-DD, in order (train before the first, "
+                         "validation until the second, test from it), e.g. [2018-01-01, 2019-01-01]")
+    return cuts
+
+
 def _groups(photos: list[Photo], clusters: list[list[str]]) -> dict[str, list[Photo]]:
     """Split units: rulings, merged when a near-duplicate cluster links them, so neither straddles the line."""
     parent: dict[str, str] = {p.rrdc_no: p.rrdc_no for p in photos}
@@ -169,7 +194,13 @@ def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | P
                   verbose: bool = True) -> DatasetSpec:
     store = RawStore(store_path)
     chapter = str(cfg.chapter) if cfg.get("chapter") else None
+    by = str(cfg.split.get("by", "ruling"))
+    if by not in ("ruling", "date"):
+        raise ValueError(f"dataset.split.by={by!r}: choose ruling (random by ruling, seeded) or date (cut dates)")
+    cuts = _date_cuts(cfg) if by == "date" else None
     photos = [p for p in store.photos() if not chapter or p.hs_code.startswith(chapter)]
+    if cuts:  # checked before any photo is decoded: a period with no ruling is a config error, not a result
+        check_periods(photos, cuts, cfg)
     photos, skipped = usable_photos(photos, verbose)
     photos, removed, clusters = quality.apply(photos, cfg.get("quality"), cache_dir, verbose)
     removed = {"undecodable": len(skipped), **removed}
@@ -177,7 +208,7 @@ def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | P
     classes = sorted(set(mapping.values()))
     index = {c: i for i, c in enumerate(classes)}
     fractions = {s: float(cfg.split[s]) for s in SPLITS}
-    if abs(sum(fractions.values()) - 1) > 1e-6 or min(fractions.values()) < 0:
+    if by == "ruling" and abs(sum(fractions.values()) - 1) > 1e-6 or min(fractions.values()) < 0:
         raise ValueError(f"dataset.split fractions must be >= 0 and sum to 1, got {fractions}")
     caps = cfg.get("per_class") or {}
     fill = cfg.get("fill") or {}
@@ -192,7 +223,8 @@ def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | P
     samples: list[Sample] = []
     for label in classes:
         groups = _groups(by_class[label], clusters)
-        assignment = split_by_ruling(groups, fractions, int(cfg.split.seed), label)
+        assignment = (split_by_date(groups, cuts) if cuts
+                      else split_by_ruling(groups, fractions, int(cfg.split.seed), label))
         rng = random.Random(f"{cfg.split.seed}:{label}:cap")
         for split in SPLITS:
             chosen = sorted((p for g, ps in groups.items() if assignment[g] == split for p in ps),
@@ -210,11 +242,56 @@ def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | P
                 if not fill.get("test"):
                     raise ValueError("dataset.test_fill_with_generated=true needs dataset.fill.test (per-class size)")
                 samples.extend(_fill(originals, fill.test))
-    return DatasetSpec(str(cfg.name), classes, samples, skipped, removed, clusters)
+    spec = DatasetSpec(str(cfg.name), classes, samples, skipped, removed, clusters, protocol=protocol(cfg))
+    if cuts:
+        spec = _drop_untrained_classes(spec)
+    return spec
+
+
+def protocol(cfg: DictConfig) -> str:
+    """How the splits were drawn, in words a report can show: 'date<2018-01-01|<2019-01-01' or 'ruling(seed 42)'."""
+    if str(cfg.split.get("by", "ruling")) == "date":
+        a, b = _date_cuts(cfg)
+        return f"date: train<{a}, val<{b}, test>={b}"
+    return f"ruling: random {cfg.split.train:g}/{cfg.split.val:g}/{cfg.split.test:g}, seed {cfg.split.seed}"
+
+
+def check_periods(photos: list[Photo], cuts: list[str], cfg: DictConfig) -> None:
+    """One clear line when a cut leaves a period without rulings (or rulings carry no date)."""
+    undated = sorted({p.rrdc_no for p in photos if not p.date})
+    if undated:
+        raise ValueError(f"dataset {cfg.name}: split.by=date but {len(undated)} rulings have no ENFR_DT date "
+                         f"(e.g. {undated[0]}); use dataset.split.by=ruling for this store")
+    dates = sorted(p.date for p in photos)
+    if not dates:
+        return
+    periods = {"train": [d for d in dates if d < cuts[0]], "val": [d for d in dates if cuts[0] <= d < cuts[1]],
+               "test": [d for d in dates if d >= cuts[1]]}
+    empty = [sp for sp, ds in periods.items() if not ds]
+    if empty:
+        raise ValueError(f"dataset {cfg.name}: split cuts {cuts} leave the {' and '.join(empty)} period empty "
+                         f"(rulings dated {dates[0]} .. {dates[-1]}); move dataset.split.cuts inside that range")
+
+
+def _drop_untrained_classes(spec: DatasetSpec) -> DatasetSpec:
+    """With a dated split a code may first appear after the training period: it cannot be learned, so it is not a
+    class (its later photos are left out, counted under removed['no_training_photos'])."""
+    trained = sorted({s.label for s in spec.samples if s.split == "train"})
+    if len(trained) == len(spec.classes):
+        return spec
+    new = {old: i for i, old in enumerate(trained)}
+    lost = [s for s in spec.samples if s.label not in new]
+    for code in sorted({spec.classes[s.label] for s in lost}):
+        print(f"warning: dataset {spec.name}: code {code} has no ruling before the first cut; not a class "
+              f"({sum(spec.classes[s.label] == code for s in lost)} later photos left out)", file=sys.stderr)
+    return replace(spec, classes=[spec.classes[i] for i in trained],
+                   samples=[replace(s, label=new[s.label]) for s in spec.samples if s.label in new],
+                   removed={**spec.removed, "no_training_photos": len(lost)})
 
 
 def spec_summary(spec: DatasetSpec) -> dict:
-    return {"name": spec.name, "classes": len(spec.classes), "fingerprint": spec.fingerprint(),
+    return {"name": spec.name, "protocol": spec.protocol, "classes": len(spec.classes),
+            "fingerprint": spec.fingerprint(),
             "photos": {sp: len(spec.split(sp, originals_only=True)) for sp in SPLITS},
             "generated": {sp: len(spec.split(sp)) - len(spec.split(sp, originals_only=True)) for sp in SPLITS},
             "skipped_photos": len(spec.skipped), "removed": spec.removed,
