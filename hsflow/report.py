@@ -44,7 +44,9 @@ def grid_table(runs, rows: str, cols: str, metric: str) -> tuple[str, dict]:
         cells.setdefault(key, r)
     row_keys = sorted({k[0] for k in cells}, key=_num)
     col_keys = sorted({k[1] for k in cells})
-    lines = [f"| {rows} \\ {cols} | " + " | ".join(col_keys) + " |", "|---" * (len(col_keys) + 1) + "|"]
+    protocols = sorted({protocol(r) for r in cells.values()})
+    lines = [f"split protocol: {', '.join(protocols)}", "",
+             f"| {rows} \\ {cols} | " + " | ".join(col_keys) + " |", "|---" * (len(col_keys) + 1) + "|"]
     for rk in row_keys:
         vals = [cells.get((rk, ck)) for ck in col_keys]
         lines.append(f"| {rk} | " + " | ".join(f"{v.data.metrics[metric]:.4f}" if v else "–" for v in vals) + " |")
@@ -52,21 +54,39 @@ def grid_table(runs, rows: str, cols: str, metric: str) -> tuple[str, dict]:
     return "\n".join(lines), table
 
 
-LIST_COLUMNS = [("test_top1", "test top-1"), ("test_top3", "test top-3"), ("test_chapter_top1", "chapter top-1"),
-                ("val_top1", "val top-1"), ("total_minutes", "minutes")]
+LIST_COLUMNS = [("val_top1", "val top-1"), ("test_top1", "test top-1 [95 % CI]"), ("test_top3", "test top-3 [95 % CI]"),
+                ("test_chapter_top1", "chapter top-1"), ("test_unflagged_coverage", "unflagged"),
+                ("test_unflagged_precision", "unflagged precision"), ("total_minutes", "minutes")]
+
+
+def protocol(run) -> str:
+    """How the run's splits were drawn (logged as a tag by hsflow.train; older runs only have the param)."""
+    tag = run.data.tags.get("split_protocol")
+    if tag:
+        return tag.split(":")[0] + (" + refit" if run.data.tags.get("refit") == "True" else "")
+    return run.data.params.get("dataset.split.by", "ruling")
+
+
+def _cell(run, key: str) -> str:
+    v = run.data.metrics.get(key)
+    if v is None:
+        return "–"
+    if key == "total_minutes":
+        return f"{v:.1f}"
+    low, high = run.data.metrics.get(key + "_ci_low"), run.data.metrics.get(key + "_ci_high")
+    return f"{v:.4f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{v:.4f}"
 
 
 def list_table(runs) -> tuple[str, dict]:
-    lines = ["| run | backbone | " + " | ".join(h for _, h in LIST_COLUMNS) + " |",
-             "|---|---|" + "---|" * len(LIST_COLUMNS)]
+    lines = ["| run | protocol | backbone | " + " | ".join(h for _, h in LIST_COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(LIST_COLUMNS)]
     table = {}
     for r in sorted(runs, key=lambda r: -r.data.metrics.get("val_top1", 0)):
         name = r.data.tags.get("mlflow.runName", r.info.run_id[:8])
-        vals = [r.data.metrics.get(k) for k, _ in LIST_COLUMNS]
-        lines.append(f"| {name} | {r.data.params.get('model.name', '?')} | "
-                     + " | ".join("–" if v is None else (f"{v:.1f}" if k == "total_minutes" else f"{v:.4f}")
-                                  for (k, _), v in zip(LIST_COLUMNS, vals)) + " |")
-        table[name] = {"run_id": r.info.run_id, **{k: v for (k, _), v in zip(LIST_COLUMNS, vals)}}
+        lines.append(f"| {name} | {protocol(r)} | {r.data.params.get('model.name', '?')} | "
+                     + " | ".join(_cell(r, k) for k, _ in LIST_COLUMNS) + " |")
+        table[name] = {"run_id": r.info.run_id, "protocol": protocol(r),
+                       **{k: r.data.metrics.get(k) for k, _ in LIST_COLUMNS}}
     return "\n".join(lines), table
 
 

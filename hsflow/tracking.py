@@ -80,7 +80,8 @@ def log_start(cfg: DictConfig, spec, summary: dict) -> None:
     """Params, tags, resolved config and the dataset fingerprint; call inside an active run."""
     mlflow.log_params(flat_params(cfg))
     mlflow.set_tags({"mlflow.source.git.commit": git_commit(), "dataset": spec.name,
-                     "dataset.fingerprint": summary["fingerprint"], "backbone": cfg.model.name, **sweep_tags(),
+                     "dataset.fingerprint": summary["fingerprint"], "backbone": cfg.model.name,
+                     "split_protocol": summary.get("protocol", ""), "refit": str(bool(cfg.refit.enabled)), **sweep_tags(),
                      **{str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}})
     cfg_yaml = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     mlflow.log_text(cfg_yaml, "config.yaml")

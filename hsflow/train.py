@@ -4,6 +4,7 @@ The last line printed is `run_id=<mlflow run id> test_top1=<accuracy>`.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -21,8 +22,9 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import MLFlowLogger  # noqa: E402
+from torch.utils.data import ConcatDataset, TensorDataset  # noqa: E402
 
-from hsflow import calibration, tracking  # noqa: E402
+from hsflow import calibration, evaluation, tracking  # noqa: E402
 from hsflow.config import CONF_DIR  # noqa: E402
 from hsflow.data.builder import SPLITS, build_dataset, spec_summary  # noqa: E402
 from hsflow.data.datamodule import HSDataModule  # noqa: E402
@@ -47,6 +49,17 @@ def _with_mirror(samples):
     return [replace(s, view=-1) for s in samples]
 
 
+def make_module(cfg: DictConfig, net, num_classes: int, prefix, suffix=None) -> HSClassifier:
+    """A fresh LightningModule (new head, seeded) over the split backbone: the same call for the model chosen on
+    validation and for its refit on train + validation (which passes a fresh copy of the trainable stages)."""
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    head = build_head(net.dim, num_classes, cfg.model.head.hidden, cfg.model.head.dropout)
+    return HSClassifier(net.suffix if suffix is None else suffix, head, num_classes, instantiate(cfg.optimizer),
+                        backbone_lr_scale=cfg.model.backbone_lr_scale, label_smoothing=cfg.label_smoothing,
+                        scheduler=cfg.scheduler, prefix=prefix,
+                        input_dim=1 if prefix is None and str(cfg.model.unfreeze) == "0" else 3)
+
+
 def prepare(cfg: DictConfig):
     """Dataset, split backbone, DataModule and LightningModule for a config (no MLflow yet)."""
     if cfg.features not in ("cached", "naive"):
@@ -66,6 +79,9 @@ def prepare(cfg: DictConfig):
                  if any(s.view > 0 for s in spec.samples) else None)
     labels = {sp: torch.tensor([s.label for s in spec.split(sp)], dtype=torch.long) for sp in SPLITS}
     common = dict(batch_size=int(cfg.batch_size), seed=int(cfg.seed))
+    weight = int(cfg.refit.val_weight)
+    if weight < 1:
+        raise ValueError(f"refit.val_weight={cfg.refit.val_weight!r}: give 1 or more (times a validation photo counts)")
 
     if cfg.features == "cached":
         cache = FeatureCache(cfg.paths.cache_dir, net.cache_id)
@@ -80,21 +96,36 @@ def prepare(cfg: DictConfig):
                                    device=device, draft_size=pre["resize"], desc=f"mirror {sp}")
                 feats[sp] = torch.stack([feats[sp], mirrored], dim=1)
         dm = HSDataModule.from_features(feats, labels, **common)
+        # Refit data: validation joins training as plain views (its mirrored TTA copy is a test-time device only).
+        val_plain = feats["val"][:, 0] if cfg.tta else feats["val"]
+        dm.refit_train = ConcatDataset([dm.splits["train"]] + [TensorDataset(val_plain, labels["val"])] * weight)
         prefix = None
     else:
         dm = HSDataModule({sp: PhotoDataset(spec.split(sp), preprocess, augmenter, pre["resize"],
                                             tta=bool(cfg.tta) and sp != "train") for sp in SPLITS},
                           num_workers=workers, **common)
+        dm.refit_train = ConcatDataset([dm.splits["train"]]
+                                       + [PhotoDataset(spec.split("val"), preprocess, augmenter, pre["resize"])] * weight)
         prefix = net.prefix
-    # Re-seed: feature extraction draws from the global RNG only when the cache is cold, so without this the head's
-    # init and the dropout stream would depend on what was cached (cached vs naive, warm vs cold runs).
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    head = build_head(net.dim, len(spec.classes), cfg.model.head.hidden, cfg.model.head.dropout)
-    module = HSClassifier(net.suffix, head, len(spec.classes), instantiate(cfg.optimizer),
-                          backbone_lr_scale=cfg.model.backbone_lr_scale, label_smoothing=cfg.label_smoothing,
-                          scheduler=cfg.scheduler, prefix=prefix,
-                          input_dim=1 if prefix is None and str(cfg.model.unfreeze) == "0" else 3)
+    # make_module re-seeds: feature extraction draws from the global RNG only when the cache is cold, so without it
+    # the head's init and the dropout stream would depend on what was cached (cached vs naive, warm vs cold runs).
+    module = make_module(cfg, net, len(spec.classes), prefix)
     return spec, net, pre, dm, module
+
+
+def refit(cfg: DictConfig, spec, net, dm: HSDataModule, prefix, suffix_init: dict) -> HSClassifier:
+    """The final model: the same configuration trained again, from the same seed and for the same epochs, on training
+    + validation rulings, after every choice was made on validation. The test period stays untouched; the refit's
+    own curves are not logged (there is no held-out period left to draw them on)."""
+    suffix = copy.deepcopy(net.suffix)
+    suffix.load_state_dict(suffix_init)  # unfrozen stages start again from ImageNet, as the first fit did
+    module = make_module(cfg, net, len(spec.classes), prefix, suffix)
+    data = HSDataModule({"train": dm.refit_train, "val": dm.splits["val"], "test": dm.splits["test"]},
+                        batch_size=dm.batch_size, num_workers=dm.num_workers, seed=dm.seed)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+                                      limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    return module
 
 
 @torch.no_grad()
@@ -119,13 +150,6 @@ def resume_checkpoint(run_id: str) -> str:
     if not folder or not last.is_file():
         raise ValueError(f"resume={run_id}: no checkpoint at {last}; start a new run instead")
     return str(last)
-
-
-def hierarchy_top1(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], digits: int) -> float:
-    """Top-1 at a coarser level of the nomenclature: the predicted code's first `digits` digits are right."""
-    level = [c[:digits] for c in classes]
-    pred = logits.argmax(1).tolist()
-    return sum(level[p] == level[t] for p, t in zip(pred, labels.tolist())) / max(1, len(pred))
 
 
 def run(cfg: DictConfig) -> dict:
@@ -153,21 +177,15 @@ def run(cfg: DictConfig) -> dict:
         # Every epoch replaces the one checkpoint (last.ckpt links to it): a kill loses at most the epoch in flight.
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last="link", save_top_k=1, every_n_epochs=1)
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[checkpoint])
+        suffix_init = copy.deepcopy(module.suffix.state_dict())  # for the refit (trainable stages only)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         fitted = time.perf_counter()
         # Read before testing: trainer.test() clears callback_metrics, and sweepers optimize this value.
         val = trainer.callback_metrics.get("val_top1")
         val = float(val) if val is not None else float("nan")
-        test = trainer.test(module, datamodule=dm, verbose=False)[0]
-        test_logits = torch.cat(module.test_logits)
-        test_y = torch.tensor([s.label for s in spec.split("test")])
-        test["test_chapter_top1"] = hierarchy_top1(test_logits, test_y, spec.classes, 2)
-        test["test_heading_top1"] = hierarchy_top1(test_logits, test_y, spec.classes, 4)
-        mlflow.log_metrics({"test_chapter_top1": test["test_chapter_top1"],
-                            "test_heading_top1": test["test_heading_top1"],
-                            "prepare_minutes": (prepared - started) / 60, "fit_minutes": (fitted - prepared) / 60})
 
-        # Calibration on validation: temperature, ECE before/after, review threshold for the target precision.
+        # Every choice is made on the validation period with the model fitted on training rulings only: the
+        # temperature, ECE before/after, and the review threshold for the target precision.
         meta_cal = {"temperature": 1.0, "review_threshold": 0.0}
         if cfg.calibration.enabled:
             val_logits, val_y = split_logits(module, dm, "val")
@@ -178,6 +196,21 @@ def run(cfg: DictConfig) -> dict:
             mlflow.log_metrics({"val_ece_before": calibration.ece(torch.softmax(val_logits, 1), val_y),
                                 "val_ece_after": calibration.ece(probs, val_y), "temperature": t,
                                 "review_threshold": meta_cal["review_threshold"]})
+        if cfg.refit.enabled:  # then the final model learns from the validation rulings too (choices stay as made)
+            module = refit(cfg, spec, net, dm, module.prefix, suffix_init)
+            mlflow.log_metric("refit_minutes", (time.perf_counter() - fitted) / 60)
+
+        test = trainer.test(module, datamodule=dm, verbose=False)[0]
+        test_logits = torch.cat(module.test_logits)
+        test_y = torch.tensor([s.label for s in spec.split("test")])
+        figures = evaluation.period_figures(test_logits, test_y, [s.rrdc_no for s in spec.split("test")],
+                                          spec.classes, meta_cal["temperature"], meta_cal["review_threshold"])
+        test |= figures
+        mlflow.log_metrics({k: v for k, v in figures.items() if k not in ("test_top1", "test_top3")}
+                           | {"prepare_minutes": (prepared - started) / 60, "fit_minutes": (fitted - prepared) / 60})
+        log.info("test (%s): top-1 %s, top-3 %s, unflagged %.2f of photos at precision %s", spec.protocol,
+                 evaluation.interval_text(figures, "test_top1"), evaluation.interval_text(figures, "test_top3"),
+                 figures["test_unflagged_coverage"], evaluation.interval_text(figures, "test_unflagged_precision"))
 
         tracking.log_curves(run_id)
         tracking.log_confusion(module.confusion.compute().cpu().numpy(), spec.classes,
@@ -188,6 +221,7 @@ def run(cfg: DictConfig) -> dict:
                     "head": {"hidden": int(cfg.model.head.hidden), "dropout": float(cfg.model.head.dropout)},
                     "classes": spec.classes, "preprocess": pre, "tta": bool(cfg.tta), **meta_cal,
                     "run_id": run_id, "dataset": spec.name, "dataset_fingerprint": summary["fingerprint"],
+                    "split_protocol": spec.protocol, "refit": bool(cfg.refit.enabled), "refit_val_weight": int(cfg.refit.val_weight),
                     "test_top1": float(test["test_top1"])}
             tracking.log_model(HSModel(full, meta), cfg)
         mlflow.log_metric("total_minutes", (time.perf_counter() - started) / 60)

@@ -71,6 +71,7 @@ def test_every_trainer_instantiates(name):
     (["num_workers=-2"], "num_workers=-2"),
     (["dataset.split.by=ruling", "dataset.split.train=0.9"], "sum to 1"),
     (["dataset.split.by=month"], "split.by"),
+    (["dataset.split.cuts=[2018-01-01,2030-01-01]"], "leave the test period empty"),
 ])
 def test_wrong_override_is_a_clear_error(overrides, expected, tmp_path):
     proc = subprocess.run([PY, "-m", "hsflow.train", *overrides, f"hydra.run.dir={tmp_path}",
