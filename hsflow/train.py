@@ -14,24 +14,34 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations must not reach for the internet
 
 import hydra  # noqa: E402
-import mlflow  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
-from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
-from pytorch_lightning.loggers import MLFlowLogger  # noqa: E402
 
-from hsflow import calibration, tracking  # noqa: E402
 from hsflow.config import CONF_DIR  # noqa: E402
-from hsflow.data.builder import SPLITS, build_dataset, spec_summary  # noqa: E402
-from hsflow.data.datamodule import HSDataModule  # noqa: E402
-from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id  # noqa: E402
-from hsflow.features import FeatureCache, PhotoDataset, default_workers, extract  # noqa: E402
-from hsflow.models.backbones import WeightsMissing, build_backbone, split_backbone  # noqa: E402
-from hsflow.models.classifier import HSClassifier, build_head  # noqa: E402
-from hsflow.models.package import HSModel, assemble  # noqa: E402
-from hsflow.store import StoreError  # noqa: E402
+from hsflow.data.builder import SPLITS, build_dataset, selected_photos, spec_summary  # noqa: E402
+from hsflow.store import RawStore, StoreError  # noqa: E402
+
+
+def _import_training_stack() -> None:
+    """torch, Lightning and MLflow take 5-10 s to import on a small CPU: they load here, after the config's cheap
+    checks (main), so a dataset that selects nothing fails in about a second. Binds the module's globals."""
+    global mlflow, pl, torch, instantiate, ModelCheckpoint, MLFlowLogger, calibration, tracking, HSDataModule
+    global Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id, FeatureCache, PhotoDataset, default_workers
+    global extract, WeightsMissing, build_backbone, split_backbone, HSClassifier, build_head, HSModel, assemble
+    import mlflow
+    import pytorch_lightning as pl
+    import torch
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from hsflow import calibration, tracking
+    from hsflow.data.datamodule import HSDataModule
+    from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id
+    from hsflow.features import FeatureCache, PhotoDataset, default_workers, extract
+    from hsflow.models.backbones import WeightsMissing, build_backbone, split_backbone
+    from hsflow.models.classifier import HSClassifier, build_head
+    from hsflow.models.package import HSModel, assemble
+
 
 log = logging.getLogger("hsflow.train")
 
@@ -49,6 +59,7 @@ def _with_mirror(samples):
 
 def prepare(cfg: DictConfig):
     """Dataset, split backbone, DataModule and LightningModule for a config (no MLflow yet)."""
+    _import_training_stack()
     if cfg.features not in ("cached", "naive"):
         raise ValueError(f"features={cfg.features!r}: choose cached or naive")
     device = _device(cfg)
@@ -97,14 +108,14 @@ def prepare(cfg: DictConfig):
     return spec, net, pre, dm, module
 
 
-@torch.no_grad()
 def split_logits(module: HSClassifier, dm: HSDataModule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     module.eval()
     outs, ys = [], []
     loader = {"val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
-    for x, y in loader:
-        outs.append(module(x.to(module.device)).float().cpu())
-        ys.append(y)
+    with torch.no_grad():
+        for x, y in loader:
+            outs.append(module(x.to(module.device)).float().cpu())
+            ys.append(y)
     return torch.cat(outs), torch.cat(ys)
 
 
@@ -129,8 +140,9 @@ def hierarchy_top1(logits: torch.Tensor, labels: torch.Tensor, classes: list[str
 
 
 def run(cfg: DictConfig) -> dict:
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     started = time.perf_counter()
+    _import_training_stack()
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     exp_id = tracking.experiment_id(cfg)
     # A resume without a checkpoint fails here, before minutes of dataset building and feature extraction.
     ckpt_path = resume_checkpoint(str(cfg.resume)) if cfg.get("resume") else None
@@ -197,6 +209,14 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    try:
+        # A dataset that selects nothing in this store fails first, in about a second: before torch and MLflow load,
+        # before the MLflow store, the weights and any photo decoding (the ruling records alone tell).
+        selected_photos(cfg.dataset, RawStore(cfg.paths.raw_store))
+        _import_training_stack()
+    except (StoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     try:
         result = run(cfg)
     except (WeightsMissing, StoreError, FileNotFoundError) as exc:

@@ -2,6 +2,7 @@
 import json
 import re
 import shutil
+import time
 from types import SimpleNamespace
 
 import mlflow
@@ -96,3 +97,18 @@ def test_failed_download_becomes_the_same_message(tmp_path, monkeypatch):
     with pytest.raises(WeightsMissing, match=r"put vgg16-397923af.pth at .*model.pretrained=false"):
         _load_torchvision_state(weights, "vgg16", allow_download=True)
     assert not list(tmp_path.rglob("*.pth"))
+
+
+def test_the_headline_command_on_the_demo_fails_in_seconds_with_one_line(tmp_path):
+    """`python -m hsflow.train dataset=ch87_balanced model=vgg16` on a fresh clone (no VGG weights, no MLflow store):
+    the dataset line comes first, before torch loads, weights are fetched or a photo is decoded."""
+    t0 = time.perf_counter()
+    proc = train_cli("dataset=ch87_balanced", "model=vgg16", f"hydra.run.dir={tmp_path}",
+                     f"logger.tracking_uri=sqlite:///{tmp_path}/m.db", env={"TORCH_HOME": str(tmp_path / "th")})
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: dataset ch87_balanced selects no photos"), proc.stderr
+    assert "scrapy crawl clip_rulings" in lines[0] and "dataset=demo_ch08_balanced" in lines[0]
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "th").exists()
+    assert seconds < 15, seconds
