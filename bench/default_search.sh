@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evidence behind `make train`'s default model (issue 7; conf/experiment/recommended.yaml): each line one
-# configuration on dataset=demo, all in the MLflow experiment "default-search"; chosen by val_top1, the test split
+# configuration on dataset=demo, all in the MLflow experiment "default-search"; chosen by curves/top1_val, the test split
 # is only reported. Table: .venv/bin/python -m hsflow.report --experiment default-search --layout list
 set -uo pipefail
 cd "$(dirname "$0")/.."

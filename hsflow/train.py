@@ -168,15 +168,15 @@ def run(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         fitted = time.perf_counter()
         # Read before testing: trainer.test() clears callback_metrics, and sweepers optimize this value.
-        val = trainer.callback_metrics.get("val_top1")
+        val = trainer.callback_metrics.get("curves/top1_val")
         val = float(val) if val is not None else float("nan")
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
         test_logits = torch.cat(module.test_logits)
         test_y = torch.tensor([s.label for s in spec.split("test")])
-        test["test_chapter_top1"] = hierarchy_top1(test_logits, test_y, spec.classes, 2)
-        test["test_heading_top1"] = hierarchy_top1(test_logits, test_y, spec.classes, 4)
-        mlflow.log_metrics({"test_chapter_top1": test["test_chapter_top1"],
-                            "test_heading_top1": test["test_heading_top1"],
+        test["test/chapter_top1"] = hierarchy_top1(test_logits, test_y, spec.classes, 2)
+        test["test/heading_top1"] = hierarchy_top1(test_logits, test_y, spec.classes, 4)
+        mlflow.log_metrics({"test/chapter_top1": test["test/chapter_top1"],
+                            "test/heading_top1": test["test/heading_top1"],
                             "prepare_minutes": (prepared - started) / 60, "fit_minutes": (fitted - prepared) / 60})
 
         # Calibration on validation: temperature, ECE before/after, review threshold for the target precision.
@@ -187,23 +187,24 @@ def run(cfg: DictConfig) -> dict:
             probs = torch.softmax(val_logits / t, 1)
             meta_cal = {"temperature": t, "review_threshold": calibration.review_threshold(
                 probs, val_y, float(cfg.calibration.target_precision))}
-            mlflow.log_metrics({"val_ece_before": calibration.ece(torch.softmax(val_logits, 1), val_y),
-                                "val_ece_after": calibration.ece(probs, val_y), "temperature": t,
-                                "review_threshold": meta_cal["review_threshold"]})
+            mlflow.log_metrics({"val/ece_before": calibration.ece(torch.softmax(val_logits, 1), val_y),
+                                "val/ece_after": calibration.ece(probs, val_y), "val/temperature": t,
+                                "val/review_threshold": meta_cal["review_threshold"]})
 
         tracking.log_curves(run_id)
         tracking.log_confusion(module.confusion.compute().cpu().numpy(), spec.classes,
-                               f"{cfg.model.name} on {spec.name}: test top-1 {test['test_top1']:.3f}")
+                               f"{cfg.model.name} on {spec.name}: test top-1 {test['test/top1']:.3f}")
         if cfg.logger.log_model:
             full = assemble(net.prefix, module.suffix, module.head).cpu().eval()
             meta = {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze,
                     "head": {"hidden": int(cfg.model.head.hidden), "dropout": float(cfg.model.head.dropout)},
                     "classes": spec.classes, "preprocess": pre, "tta": bool(cfg.tta), **meta_cal,
                     "run_id": run_id, "dataset": spec.name, "dataset_fingerprint": summary["fingerprint"],
-                    "test_top1": float(test["test_top1"])}
+                    "test_top1": float(test["test/top1"])}
             tracking.log_model(HSModel(full, meta), cfg)
         mlflow.log_metric("total_minutes", (time.perf_counter() - started) / 60)
-    return {"run_id": run_id, **{k: float(v) for k, v in test.items()}, "val_top1": val}
+        tracking.log_note(cfg, summary, {**{k: float(v) for k, v in test.items()}, "curves/top1_val": val})
+    return {"run_id": run_id, **{k.replace("/", "_"): float(v) for k, v in test.items()}, "val_top1": val}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
