@@ -19,9 +19,10 @@ if [ ! -f "$STORE/mlflow.db" ]; then
     $PY -m hsflow.train model.head.hidden=512 optimizer=adamw "${COMMON[@]}" logger.run_name=lite0-hidden512-adamw \
         2>&1 | grep -E "run_id=|error"
 fi
-.venv/bin/mlflow server --backend-store-uri "$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port "$PORT" --workers 1 \
-    > "$STORE/server.log" 2>&1 &
+# Its own process group (setsid), so the exit trap stops the server and its uvicorn worker together.
+setsid .venv/bin/mlflow server --backend-store-uri "$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port "$PORT" \
+    --workers 1 > "$STORE/server.log" 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true; [ -n "${UI_STORE:-}" ] || rm -rf "$STORE"' EXIT
+trap 'kill -- -$SERVER 2>/dev/null || true; [ -n "${UI_STORE:-}" ] || rm -rf "$STORE"' EXIT
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 1; done
 $PY bench/ui_screenshots.py --url "http://127.0.0.1:$PORT" --experiment ui-demo --out docs

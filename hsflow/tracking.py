@@ -24,11 +24,11 @@ from hsflow.config import ROOT_DIR
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # A saved view of the runs table (the UI's "Views" menu; MLflow 3 keeps views as experiment tags with this prefix):
 # MLflow's default columns are Source, Models and Dataset only, so hsflow saves one with the figures that compare
-# runs, sorted by validation top-1. Open it with `?viewStateShareKey=hsflow-accuracy` (hsflow.ui prints the link).
+# runs. Open it with `?viewStateShareKey=hsflow-accuracy` (hsflow.ui prints the link).
 VIEW_ID = "hsflow-accuracy"
 VIEW_COLUMNS = ["metrics.`curves/top1_val`", "metrics.`test/top1`", "metrics.`test/top3`",
                 "metrics.`test/chapter_top1`", "metrics.`curves/loss_val`", "params.`model.name`",
-                "params.`dataset.name`", "params.`trainer.max_epochs`", "attributes.`Dataset`"]
+                "params.`dataset.name`", "params.`trainer.max_epochs`"]
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "efficientnet_lite_pytorch==0.1.0", "pillow",
                     f"hsflow @ file://{ROOT_DIR}"]
 
@@ -51,8 +51,8 @@ def experiment_id(cfg: DictConfig) -> str:
 
 def experiment_tags() -> dict[str, str]:
     """Experiment tags that make MLflow's UI a comparison tool: the model-training kind and the accuracy view."""
-    state = {"searchFilter": "", "orderByKey": "metrics.`curves/top1_val`", "orderByAsc": False,
-             "selectedColumns": VIEW_COLUMNS, "runsHiddenMode": "SHOW_ALL"}
+    # Sorted by start time (MLflow's default): sorting by a metric would unfold the sweeps (children listed flat).
+    state = {"searchFilter": "", "selectedColumns": VIEW_COLUMNS, "runsHiddenMode": "SHOW_ALL"}
     view = {"name": "hsflow: accuracy", "createdAt": 0, "updatedAt": 0, "state": json.dumps(state)}
     return dict([EXPERIMENT_KIND]) | {f"mlflow.sharedViewState.{VIEW_ID}": json.dumps(view)}
 

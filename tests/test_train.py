@@ -50,7 +50,7 @@ def test_run_is_laid_out_for_the_mlflow_ui(tiny_run):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(exp.tags[f"mlflow.sharedViewState.{VIEW_ID}"])
     state = json.loads(view["state"])
-    assert state["orderByKey"] == "metrics.`curves/top1_val`" and state["selectedColumns"] == VIEW_COLUMNS
+    assert state["selectedColumns"] == VIEW_COLUMNS and "orderByKey" not in state  # default order keeps sweeps folded
     logged = set(run.data.metrics)
     assert all(col.split("`")[1] in logged for col in VIEW_COLUMNS if col.startswith("metrics."))
     assert not [k for k in logged if k.startswith("dataset")]  # counts are not charts
@@ -134,3 +134,11 @@ def test_the_headline_command_on_the_demo_fails_in_seconds_with_one_line(tmp_pat
     assert "scrapy crawl clip_rulings" in lines[0] and "dataset=demo_ch08_balanced" in lines[0]
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "th").exists()
     assert seconds < 15, seconds
+
+
+def test_ui_links_open_each_experiment_on_its_runs_in_the_accuracy_view(tiny_run):
+    from hsflow.ui import links
+
+    (line,) = [x for x in links(tiny_run["tracking_uri"], "http://127.0.0.1:5000") if "hsflow:" in x]
+    assert re.search(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning"
+                     r"&viewStateShareKey=hsflow-accuracy$", line), line
