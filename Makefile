@@ -30,8 +30,8 @@ test: install             ## run the test suite
 bench: install            ## speed figures side by side -> bench/results.json
 	$(PY) -m hsflow.bench $(ARGS)
 
-ui: install               ## MLflow UI over the project's tracking store on http://127.0.0.1:5000
-	.venv/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} --host 127.0.0.1 --port 5000
+ui: install               ## MLflow UI over the project's tracking store on http://127.0.0.1:5000 (prints a link per experiment)
+	$(PY) -m hsflow.ui $(ARGS)
 
 crawl-demo: install       ## serve the shipped demo through the local portal stand-in and crawl it into data/crawl
 	$(PY) -m crawler.crawl_demo $(ARGS)

@@ -31,9 +31,8 @@ def crawl_command(base_url: str, store: Path, *, settings: dict | None = None, a
 
 
 def env() -> dict:
-    # tldextract (used by the cookies middleware) would fetch the public-suffix list: use its bundled copy.
-    return {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1",
-            "TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS": ""}
+    # No public-suffix setting here: the project's settings keep tldextract offline for every `scrapy crawl`.
+    return {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def crawl(base_url: str, store: Path, *, settings: dict | None = None, args: dict | None = None,

@@ -59,17 +59,17 @@ def period_figures(logits: torch.Tensor, labels: torch.Tensor, rulings: list[str
                           ("chapter_top1", level_correct(logits, labels, classes, 2)),
                           ("heading_top1", level_correct(logits, labels, classes, 4))):
         value, low, high = ruling_interval(correct, rulings)
-        out |= {f"{prefix}_{name}": value, f"{prefix}_{name}_ci_low": low, f"{prefix}_{name}_ci_high": high}
+        out |= {f"{prefix}/{name}": value, f"{prefix}/{name}_ci_low": low, f"{prefix}/{name}_ci_high": high}
     probs = torch.softmax(logits / temperature, dim=1)
     accepted = (probs.max(1).values >= review_threshold).numpy()
     right = topk_correct(logits, labels, 1)
-    out[f"{prefix}_unflagged_coverage"] = float(accepted.mean()) if len(accepted) else float("nan")
+    out[f"{prefix}/unflagged_coverage"] = float(accepted.mean()) if len(accepted) else float("nan")
     kept = [r for r, a in zip(rulings, accepted) if a]
     value, low, high = ruling_interval(right[accepted], kept)
-    out |= {f"{prefix}_unflagged_precision": value, f"{prefix}_unflagged_precision_ci_low": low,
-            f"{prefix}_unflagged_precision_ci_high": high}
-    out[f"{prefix}_photos"] = float(len(labels))
-    out[f"{prefix}_rulings"] = float(len(set(rulings)))
+    out |= {f"{prefix}/unflagged_precision": value, f"{prefix}/unflagged_precision_ci_low": low,
+            f"{prefix}/unflagged_precision_ci_high": high}
+    out[f"{prefix}/photos"] = float(len(labels))
+    out[f"{prefix}/rulings"] = float(len(set(rulings)))
     return out
 
 

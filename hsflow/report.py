@@ -26,7 +26,7 @@ def finished_runs(experiment: str):
         raise ValueError(f"no MLflow experiment {experiment!r} in {mlflow.get_tracking_uri()} (there are: {names})")
     runs = mlflow.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], output_format="list")
-    return exp, [r for r in runs if r.data.tags.get(REPORT_TAG) != "report" and "test_top1" in r.data.metrics]
+    return exp, [r for r in runs if r.data.tags.get(REPORT_TAG) != "report" and "test/top1" in r.data.metrics]
 
 
 def _num(v: str):
@@ -54,9 +54,10 @@ def grid_table(runs, rows: str, cols: str, metric: str) -> tuple[str, dict]:
     return "\n".join(lines), table
 
 
-LIST_COLUMNS = [("val_top1", "val top-1"), ("test_top1", "test top-1 [95 % CI]"), ("test_top3", "test top-3 [95 % CI]"),
-                ("test_chapter_top1", "chapter top-1"), ("test_unflagged_coverage", "unflagged"),
-                ("test_unflagged_precision", "unflagged precision"), ("total_minutes", "minutes")]
+LIST_COLUMNS = [("curves/top1_val", "val top-1"), ("test/top1", "test top-1 [95 % CI]"),
+                ("test/top3", "test top-3 [95 % CI]"), ("test/chapter_top1", "chapter top-1"),
+                ("test/unflagged_coverage", "unflagged"), ("test/unflagged_precision", "unflagged precision"),
+                ("total_minutes", "minutes")]
 
 
 def protocol(run) -> str:
@@ -81,7 +82,7 @@ def list_table(runs) -> tuple[str, dict]:
     lines = ["| run | protocol | backbone | " + " | ".join(h for _, h in LIST_COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(LIST_COLUMNS)]
     table = {}
-    for r in sorted(runs, key=lambda r: -r.data.metrics.get("val_top1", 0)):
+    for r in sorted(runs, key=lambda r: -r.data.metrics.get("curves/top1_val", 0)):
         name = r.data.tags.get("mlflow.runName", r.info.run_id[:8])
         lines.append(f"| {name} | {protocol(r)} | {r.data.params.get('model.name', '?')} | "
                      + " | ".join(_cell(r, k) for k, _ in LIST_COLUMNS) + " |")
@@ -109,12 +110,12 @@ def confusion_markdown(run) -> str:
 
 
 def build_report(experiment: str, layout: str = "grid", rows: str = "trainer.max_epochs", cols: str = "model.name",
-                 metric: str = "test_top1") -> tuple[str, dict]:
+                 metric: str = "test/top1") -> tuple[str, dict]:
     _, runs = finished_runs(experiment)
     if not runs:
         raise ValueError(f"experiment {experiment!r} has no finished training runs yet")
     table, data = grid_table(runs, rows, cols, metric) if layout == "grid" else list_table(runs)
-    best = max(runs, key=lambda r: (r.data.metrics.get("val_top1", 0), r.data.metrics[metric]))
+    best = max(runs, key=lambda r: (r.data.metrics.get("curves/top1_val", 0), r.data.metrics[metric]))
     name = best.data.tags.get("mlflow.runName", best.info.run_id)
     text = (f"## {experiment}: {metric.replace('_', ' ')}\n\n{table}\n\n"
             f"Best by validation top-1: run {name} ({best.info.run_id}), {best.data.params.get(cols, '?')} × "
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", choices=["grid", "list"], default="grid")
     ap.add_argument("--rows", default="trainer.max_epochs", help="param for the rows (grid layout)")
     ap.add_argument("--cols", default="model.name", help="param for the columns (grid layout)")
-    ap.add_argument("--metric", default="test_top1")
+    ap.add_argument("--metric", default="test/top1")
     ap.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or the project's mlflow.db")
     ap.add_argument("--no-log", action="store_true", help="print only; do not log the report to MLflow")
     args = ap.parse_args(argv)

@@ -1,4 +1,12 @@
-"""What goes to MLflow and how: the run, its params, the dataset fingerprint, plots and the model."""
+"""What goes to MLflow and how: the run, its params, the dataset fingerprint, plots and the model.
+
+Laid out for MLflow's UI as the comparison tool: experiments are marked as model training (not GenAI) and carry a
+saved view of the runs table with the accuracy columns; metric keys are `<section>/<name>` (`curves/loss_train`,
+`curves/top1_val`, `test/top1`, `val/ece_after`): the UI makes a chart section of each prefix, in name order, so
+the per-epoch curves lead, then the test results, then calibration on validation; dataset counts are params
+(`counts.*`), not charts; each run carries a one-paragraph description (`mlflow.note.content`);
+a sweep's runs are children of one parent run per sweep, so the runs table folds them under one row.
+"""
 from __future__ import annotations
 
 import json
@@ -12,6 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from hsflow.config import ROOT_DIR
 
+# MLflow's own experiment-type tag (what its UI's experiment-kind selector writes): classic model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# A saved view of the runs table (the UI's "Views" menu; MLflow 3 keeps views as experiment tags with this prefix):
+# MLflow's default columns are Source, Models and Dataset only, so hsflow saves one with the figures that compare
+# runs. Open it with `?viewStateShareKey=hsflow-accuracy` (hsflow.ui prints the link).
+VIEW_ID = "hsflow-accuracy"
+VIEW_COLUMNS = ["metrics.`curves/top1_val`", "metrics.`test/top1`", "metrics.`test/top3`",
+                "metrics.`test/chapter_top1`", "metrics.`curves/loss_val`", "params.`model.name`",
+                "params.`dataset.name`", "params.`trainer.max_epochs`"]
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "efficientnet_lite_pytorch==0.1.0", "pillow",
                     f"hsflow @ file://{ROOT_DIR}"]
 
@@ -32,9 +49,22 @@ def experiment_id(cfg: DictConfig) -> str:
         return _get_or_create(cfg.logger.experiment_name, (db.parent / "mlartifacts").resolve().as_uri())
 
 
+def experiment_tags() -> dict[str, str]:
+    """Experiment tags that make MLflow's UI a comparison tool: the model-training kind and the accuracy view."""
+    # Sorted by start time (MLflow's default): sorting by a metric would unfold the sweeps (children listed flat).
+    state = {"searchFilter": "", "selectedColumns": VIEW_COLUMNS, "runsHiddenMode": "SHOW_ALL"}
+    view = {"name": "hsflow: accuracy", "createdAt": 0, "updatedAt": 0, "state": json.dumps(state)}
+    return dict([EXPERIMENT_KIND]) | {f"mlflow.sharedViewState.{VIEW_ID}": json.dumps(view)}
+
+
 def _get_or_create(name: str, location: str | None) -> str:
     exp = mlflow.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else mlflow.create_experiment(name, artifact_location=location)
+    if exp is None:
+        return mlflow.create_experiment(name, artifact_location=location, tags=experiment_tags())
+    for key, value in experiment_tags().items():  # an experiment made before hsflow set them (or an older view)
+        if exp.tags.get(key) != value:
+            MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:
@@ -76,12 +106,39 @@ def sweep_tags() -> dict[str, str]:
             "hsflow.launcher": str(hc.runtime.choices.get("hydra/launcher", "basic"))}
 
 
+def sweep_parent(experiment_id: str, tags: dict) -> str | None:
+    """The run that stands for a whole sweep (made by its first job, found by the others): its trials become its
+    children (tag mlflow.parentRunId), so the runs table shows one sweep as one row that unfolds."""
+    if not tags:
+        return None
+    from filelock import FileLock
+
+    sweep_dir = Path(tags["hsflow.sweep_dir"])
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient()
+    with FileLock(str(sweep_dir / ".mlflow_parent.lock"), timeout=300):  # parallel jobs share the sweep folder
+        found = client.search_runs([experiment_id], f"tags.`hsflow.sweep_id` = '{tags['hsflow.sweep_id']}' and "
+                                   "tags.`hsflow.kind` = 'sweep'", max_results=1)
+        if found:
+            return found[0].info.run_id
+        parent = client.create_run(experiment_id, run_name=f"sweep {tags['hsflow.sweep_id']}", tags={
+            "hsflow.kind": "sweep", "hsflow.sweep_id": tags["hsflow.sweep_id"],
+            "hsflow.sweeper": tags["hsflow.sweeper"], "hsflow.launcher": tags["hsflow.launcher"],
+            "mlflow.note.content": f"Hydra sweep `{tags['hsflow.sweep_id']}` ({tags['hsflow.sweeper']} sweeper, "
+                                   f"{tags['hsflow.launcher']} launcher): its trials are the runs under this one."})
+        client.set_terminated(parent.info.run_id)
+        return parent.info.run_id
+
+
 def log_start(cfg: DictConfig, spec, summary: dict) -> None:
     """Params, tags, resolved config and the dataset fingerprint; call inside an active run."""
     mlflow.log_params(flat_params(cfg))
+    sweep = sweep_tags()
+    parent = sweep_parent(mlflow.active_run().info.experiment_id, sweep)
     mlflow.set_tags({"mlflow.source.git.commit": git_commit(), "dataset": spec.name,
-                     "dataset.fingerprint": summary["fingerprint"], "backbone": cfg.model.name,
-                     "split_protocol": summary.get("protocol", ""), "refit": str(bool(cfg.refit.enabled)), **sweep_tags(),
+                     "dataset.fingerprint": summary["fingerprint"], "backbone": cfg.model.name, **sweep,
+                     "split_protocol": summary.get("protocol", ""), "refit": str(bool(cfg.refit.enabled)),
+                     **({"mlflow.parentRunId": parent} if parent else {}),
                      **{str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}})
     cfg_yaml = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     mlflow.log_text(cfg_yaml, "config.yaml")
@@ -92,11 +149,27 @@ def log_start(cfg: DictConfig, spec, summary: dict) -> None:
         path = Path(tmp) / "split.csv"
         spec.save_split(path)
         mlflow.log_artifact(str(path), "dataset")
-    mlflow.log_metrics({f"dataset_{sp}_photos": n for sp, n in summary["photos"].items()}
-                       | {f"dataset_{sp}_generated": n for sp, n in summary["generated"].items()}
-                       | {f"dataset_removed_{rule}": n for rule, n in summary["removed"].items()})
+    # Counts are facts about the dataset, not curves: params (a column in the runs table), never metric charts.
+    mlflow.log_params({"counts.classes": summary["classes"]}
+                      | {f"counts.{sp}_photos": n for sp, n in summary["photos"].items()}
+                      | {f"counts.{sp}_generated": n for sp, n in summary["generated"].items()}
+                      | {f"counts.removed_{rule}": n for rule, n in summary["removed"].items()})
     if spec.near_duplicates:
         mlflow.log_dict({"clusters": spec.near_duplicates}, "dataset/near_duplicates.json")
+
+
+def log_note(cfg: DictConfig, summary: dict, metrics: dict[str, float]) -> None:
+    """The run's description in the UI (its Overview and the runs table): dataset, split protocol, model, figures."""
+    photos = summary["photos"]
+    figures = " · ".join(f"{label} **{metrics[key]:.4f}**" for key, label in [
+        ("test/top1", "test top-1"), ("test/top3", "top-3"), ("test/chapter_top1", "chapter top-1"),
+        ("curves/top1_val", "validation top-1")] if metrics.get(key) is not None)
+    head = f"{cfg.model.head.hidden}-unit hidden layer" if cfg.model.head.hidden else "linear head"
+    mlflow.set_tag("mlflow.note.content", (
+        f"**{cfg.model.name}** (unfreeze {cfg.model.unfreeze}, {head}), {cfg.optimizer._target_.split('.')[-1]} "
+        f"lr {cfg.optimizer.lr:g}, {cfg.trainer.max_epochs} epochs, on dataset **{summary['name']}** "
+        f"({summary['classes']} classes; photos train/val/test {photos['train']}/{photos['val']}/{photos['test']}; "
+        f"split {summary['protocol']}).\n\n{figures}"))
 
 
 def log_curves(run_id: str) -> None:
@@ -108,8 +181,8 @@ def log_curves(run_id: str) -> None:
 
     client = MlflowClient()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (title, keys) in zip(axes, [("loss", ["train_loss", "val_loss"]), ("top-1 accuracy",
-                                                                             ["train_top1", "val_top1"])]):
+    for ax, (title, keys) in zip(axes, [("loss", ["curves/loss_train", "curves/loss_val"]),
+                                        ("top-1 accuracy", ["curves/top1_train", "curves/top1_val"])]):
         for key in keys:
             hist = client.get_metric_history(run_id, key)
             if hist:

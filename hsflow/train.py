@@ -15,25 +15,37 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations must not reach for the internet
 
 import hydra  # noqa: E402
-import mlflow  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
-from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
-from pytorch_lightning.loggers import MLFlowLogger  # noqa: E402
-from torch.utils.data import ConcatDataset, TensorDataset  # noqa: E402
 
-from hsflow import calibration, evaluation, tracking  # noqa: E402
 from hsflow.config import CONF_DIR  # noqa: E402
-from hsflow.data.builder import SPLITS, build_dataset, spec_summary  # noqa: E402
-from hsflow.data.datamodule import HSDataModule  # noqa: E402
-from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id  # noqa: E402
-from hsflow.features import FeatureCache, PhotoDataset, default_workers, extract  # noqa: E402
-from hsflow.models.backbones import WeightsMissing, build_backbone, split_backbone  # noqa: E402
-from hsflow.models.classifier import HSClassifier, build_head  # noqa: E402
-from hsflow.models.package import HSModel, assemble  # noqa: E402
-from hsflow.store import StoreError  # noqa: E402
+from hsflow.data.builder import SPLITS, build_dataset, selected_photos, spec_summary  # noqa: E402
+from hsflow.store import RawStore, StoreError  # noqa: E402
+
+
+def _import_training_stack() -> None:
+    """torch, Lightning and MLflow take 5-10 s to import on a small CPU: they load here, after the config's cheap
+    checks (main), so a dataset that selects nothing fails in about a second. Binds the module's globals."""
+    global mlflow, pl, torch, instantiate, ModelCheckpoint, MLFlowLogger, calibration, tracking, HSDataModule
+    global Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id, FeatureCache, PhotoDataset, default_workers
+    global extract, WeightsMissing, build_backbone, split_backbone, HSClassifier, build_head, HSModel, assemble
+    global evaluation, ConcatDataset, TensorDataset
+    import mlflow
+    import pytorch_lightning as pl
+    import torch
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from torch.utils.data import ConcatDataset, TensorDataset
+
+    from hsflow import calibration, evaluation, tracking
+    from hsflow.data.datamodule import HSDataModule
+    from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id
+    from hsflow.features import FeatureCache, PhotoDataset, default_workers, extract
+    from hsflow.models.backbones import WeightsMissing, build_backbone, split_backbone
+    from hsflow.models.classifier import HSClassifier, build_head
+    from hsflow.models.package import HSModel, assemble
+
 
 log = logging.getLogger("hsflow.train")
 
@@ -62,6 +74,7 @@ def make_module(cfg: DictConfig, net, num_classes: int, prefix, suffix=None) -> 
 
 def prepare(cfg: DictConfig):
     """Dataset, split backbone, DataModule and LightningModule for a config (no MLflow yet)."""
+    _import_training_stack()
     if cfg.features not in ("cached", "naive"):
         raise ValueError(f"features={cfg.features!r}: choose cached or naive")
     device = _device(cfg)
@@ -128,14 +141,14 @@ def refit(cfg: DictConfig, spec, net, dm: HSDataModule, prefix, suffix_init: dic
     return module
 
 
-@torch.no_grad()
 def split_logits(module: HSClassifier, dm: HSDataModule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     module.eval()
     outs, ys = [], []
     loader = {"val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
-    for x, y in loader:
-        outs.append(module(x.to(module.device)).float().cpu())
-        ys.append(y)
+    with torch.no_grad():
+        for x, y in loader:
+            outs.append(module(x.to(module.device)).float().cpu())
+            ys.append(y)
     return torch.cat(outs), torch.cat(ys)
 
 
@@ -153,8 +166,9 @@ def resume_checkpoint(run_id: str) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     started = time.perf_counter()
+    _import_training_stack()
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     exp_id = tracking.experiment_id(cfg)
     # A resume without a checkpoint fails here, before minutes of dataset building and feature extraction.
     ckpt_path = resume_checkpoint(str(cfg.resume)) if cfg.get("resume") else None
@@ -181,7 +195,7 @@ def run(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         fitted = time.perf_counter()
         # Read before testing: trainer.test() clears callback_metrics, and sweepers optimize this value.
-        val = trainer.callback_metrics.get("val_top1")
+        val = trainer.callback_metrics.get("curves/top1_val")
         val = float(val) if val is not None else float("nan")
 
         # Every choice is made on the validation period with the model fitted on training rulings only: the
@@ -193,9 +207,9 @@ def run(cfg: DictConfig) -> dict:
             probs = torch.softmax(val_logits / t, 1)
             meta_cal = {"temperature": t, "review_threshold": calibration.review_threshold(
                 probs, val_y, float(cfg.calibration.target_precision))}
-            mlflow.log_metrics({"val_ece_before": calibration.ece(torch.softmax(val_logits, 1), val_y),
-                                "val_ece_after": calibration.ece(probs, val_y), "temperature": t,
-                                "review_threshold": meta_cal["review_threshold"]})
+            mlflow.log_metrics({"val/ece_before": calibration.ece(torch.softmax(val_logits, 1), val_y),
+                                "val/ece_after": calibration.ece(probs, val_y), "val/temperature": t,
+                                "val/review_threshold": meta_cal["review_threshold"]})
         if cfg.refit.enabled:  # then the final model learns from the validation rulings too (choices stay as made)
             module = refit(cfg, spec, net, dm, module.prefix, suffix_init)
             mlflow.log_metric("refit_minutes", (time.perf_counter() - fitted) / 60)
@@ -206,31 +220,40 @@ def run(cfg: DictConfig) -> dict:
         figures = evaluation.period_figures(test_logits, test_y, [s.rrdc_no for s in spec.split("test")],
                                           spec.classes, meta_cal["temperature"], meta_cal["review_threshold"])
         test |= figures
-        mlflow.log_metrics({k: v for k, v in figures.items() if k not in ("test_top1", "test_top3")}
+        mlflow.log_metrics({k: v for k, v in figures.items() if k not in ("test/top1", "test/top3")}
                            | {"prepare_minutes": (prepared - started) / 60, "fit_minutes": (fitted - prepared) / 60})
         log.info("test (%s): top-1 %s, top-3 %s, unflagged %.2f of photos at precision %s", spec.protocol,
-                 evaluation.interval_text(figures, "test_top1"), evaluation.interval_text(figures, "test_top3"),
-                 figures["test_unflagged_coverage"], evaluation.interval_text(figures, "test_unflagged_precision"))
+                 evaluation.interval_text(figures, "test/top1"), evaluation.interval_text(figures, "test/top3"),
+                 figures["test/unflagged_coverage"], evaluation.interval_text(figures, "test/unflagged_precision"))
 
         tracking.log_curves(run_id)
         tracking.log_confusion(module.confusion.compute().cpu().numpy(), spec.classes,
-                               f"{cfg.model.name} on {spec.name}: test top-1 {test['test_top1']:.3f}")
+                               f"{cfg.model.name} on {spec.name}: test top-1 {test['test/top1']:.3f}")
         if cfg.logger.log_model:
             full = assemble(net.prefix, module.suffix, module.head).cpu().eval()
             meta = {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze,
                     "head": {"hidden": int(cfg.model.head.hidden), "dropout": float(cfg.model.head.dropout)},
                     "classes": spec.classes, "preprocess": pre, "tta": bool(cfg.tta), **meta_cal,
                     "run_id": run_id, "dataset": spec.name, "dataset_fingerprint": summary["fingerprint"],
-                    "split_protocol": spec.protocol, "refit": bool(cfg.refit.enabled), "refit_val_weight": int(cfg.refit.val_weight),
-                    "test_top1": float(test["test_top1"])}
+                    "split_protocol": spec.protocol, "refit": bool(cfg.refit.enabled),
+                    "refit_val_weight": int(cfg.refit.val_weight), "test_top1": float(test["test/top1"])}
             tracking.log_model(HSModel(full, meta), cfg)
         mlflow.log_metric("total_minutes", (time.perf_counter() - started) / 60)
-    return {"run_id": run_id, **{k: float(v) for k, v in test.items()}, "val_top1": val}
+        tracking.log_note(cfg, summary, {**{k: float(v) for k, v in test.items()}, "curves/top1_val": val})
+    return {"run_id": run_id, **{k.replace("/", "_"): float(v) for k, v in test.items()}, "val_top1": val}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    try:
+        # A dataset that selects nothing in this store fails first, in about a second: before torch and MLflow load,
+        # before the MLflow store, the weights and any photo decoding (the ruling records alone tell).
+        selected_photos(cfg.dataset, RawStore(cfg.paths.raw_store))
+        _import_training_stack()
+    except (StoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     try:
         result = run(cfg)
     except (WeightsMissing, StoreError, FileNotFoundError) as exc:

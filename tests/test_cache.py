@@ -30,8 +30,9 @@ def _train(store, cache, tmp, features, unfreeze):
 def test_cached_and_naive_loops_give_the_same_model(tiny_store, session_cache, tmp_path, unfreeze):
     cached_run, cached = _train(tiny_store, session_cache, tmp_path / "cached", "cached", unfreeze)
     naive_run, naive = _train(tiny_store, tmp_path / "nocache", tmp_path / "naive", "naive", unfreeze)
-    assert cached_run.data.metrics["test_top1"] == pytest.approx(naive_run.data.metrics["test_top1"], abs=1e-6)
-    assert cached_run.data.metrics["train_loss"] == pytest.approx(naive_run.data.metrics["train_loss"], rel=1e-3)
+    assert cached_run.data.metrics["test/top1"] == pytest.approx(naive_run.data.metrics["test/top1"], abs=1e-6)
+    assert cached_run.data.metrics["curves/loss_train"] == pytest.approx(naive_run.data.metrics["curves/loss_train"],
+                                                                         rel=1e-3)
     x = torch.stack([cached.preprocess()(open_rgb(p)) for p in sorted((tiny_store / "photos").glob("*.jpg"))[:12]])
     assert torch.allclose(cached.probabilities(x), naive.probabilities(x), atol=1e-4)
     assert not (tmp_path / "nocache" / "features").exists()  # the naive loop never touched a cache

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -319,3 +320,64 @@ def test_crawl_of_a_raw_store_gives_back_its_records(tiny_store, tmp_path):
 def test_standin_serves_a_raw_store_too():
     rulings, files = load(DEMO_STORE)
     assert len(rulings) == 955 and len(files) == 2936 and all(r.category == "rulings" for r in rulings)
+
+
+# -- offline-quiet: the portal's host and nothing else ------------------------------------------------------------
+# Loaded by the crawl's Python at start (PYTHONPATH): an audit hook records every name lookup and connection the
+# process makes, whichever library makes it (Twisted for Scrapy, requests for tldextract, ...).
+NET_GUARD = '''
+import os, sys
+_log = os.environ.get("HSFLOW_NET_LOG")
+if _log:
+    def _hook(event, args):
+        if event in ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex"):
+            host = args[0]
+        elif event == "socket.connect":
+            host = args[1][0] if isinstance(args[1], tuple) else args[1]
+        else:
+            return
+        with open(_log, "a") as fh:
+            fh.write(f"{event} {host!r}\\n")
+    sys.addaudithook(_hook)
+'''
+LOCAL = {"127.0.0.1", "localhost", "::1"}
+
+
+def guarded_env(tmp_path: Path) -> tuple[dict, Path]:
+    """The crawl's environment with the network guard, a fresh tldextract cache (a cached suffix list would hide a
+    fetch) and no tldextract setting of the caller's."""
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NET_GUARD)
+    log = tmp_path / "net.log"
+    base = {k: v for k, v in env().items() if not k.startswith("TLDEXTRACT")}
+    return {**base, "PYTHONPATH": os.pathsep.join([str(guard), str(ROOT)]), "HSFLOW_NET_LOG": str(log),
+            "TLDEXTRACT_CACHE": str(tmp_path / "tldextract")}, log
+
+
+def hosts(log: Path) -> set[str]:
+    return {eval(line.split(" ", 1)[1]) for line in log.read_text().splitlines()} if log.exists() else set()
+
+
+def test_the_guard_sees_a_public_suffix_fetch(tmp_path):
+    """The guard is not blind: tldextract left to its defaults reaches for the internet, and the guard names it."""
+    e, log = guarded_env(tmp_path)
+    subprocess.run([sys.executable, "-c", "import tldextract; tldextract.TLDExtract()('a.example.com')"], env=e,
+                   capture_output=True, timeout=120)
+    assert hosts(log) - LOCAL, "the guard recorded no lookup of the public-suffix list's host"
+
+
+def test_crawl_reaches_the_portal_only_and_logs_no_traceback(tiny_store, tmp_path):
+    """A normal `scrapy crawl` at LOG_LEVEL=WARNING: every lookup and connection goes to the portal's host (the
+    public-suffix list comes from tldextract's bundled snapshot), and the log holds no traceback."""
+    e, log = guarded_env(tmp_path)
+    with serve(tiny_store) as portal:
+        proc = subprocess.run(crawl_command(portal.url, tmp_path / "store", settings={**FAST, "LOG_LEVEL": "WARNING"}),
+                              cwd=HERE, env=e, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert len(RawStore(tmp_path / "store").ruling_ids()) == len(RawStore(tiny_store).ruling_ids())
+    seen = hosts(log)
+    assert "127.0.0.1" in seen  # the guard saw the portal's connections
+    assert seen <= LOCAL, f"the crawl reached beyond the portal: {sorted(seen - LOCAL)}"
+    assert "Traceback" not in out and "ERROR" not in out, out[-3000:]

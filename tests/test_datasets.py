@@ -209,3 +209,28 @@ def test_a_cut_that_empties_a_period_fails_before_decoding(tmp_path, monkeypatch
         build_dataset(cfg.dataset, DEMO, cache_dir=tmp_path, verbose=False)
     with pytest.raises(ValueError, match="split.cuts"):
         build_dataset(compose_cfg("dataset.split.cuts=[2019-01-01,2018-01-01]").dataset, DEMO, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name, twin", [("ch87_imbalanced", "demo_ch08_imbalanced"),
+                                        ("ch87_balanced", "demo_ch08_balanced")])
+def test_a_study_variant_that_selects_nothing_fails_before_decoding(name, twin, tmp_path, monkeypatch):
+    """The shipped demo has no chapter 87: one line with the cause, the crawl that fetches such rulings and the
+    demo twin, from the ruling records alone (no photo decoded, no quality rule run)."""
+    import hsflow.data.builder as builder
+
+    def no_decoding(*a, **k):
+        raise AssertionError("photos were decoded before the selection was checked")
+
+    monkeypatch.setattr(builder, "usable_photos", no_decoding)
+    with pytest.raises(ValueError) as exc:
+        build(name, tmp_path)
+    line = str(exc.value)
+    assert "\n" not in line and f"dataset {name} selects no photos" in line and "no ruling of chapter 87" in line
+    assert "scrapy crawl clip_rulings" in line and "paths.raw_store=" in line and f"dataset={twin}" in line
+    assert builder.selected_photos(compose_cfg(f"dataset={twin}").dataset, RawStore(DEMO))  # the twin selects here
+
+
+def test_a_demo_variant_that_selects_nothing_names_no_twin(tmp_path):
+    with pytest.raises(ValueError, match=r"no ruling of chapter 99 \(it holds chapters 04, .*scrapy crawl") as exc:
+        build("demo_ch08_imbalanced", tmp_path, "dataset.chapter='99'")
+    assert "dataset=" not in str(exc.value)

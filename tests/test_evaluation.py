@@ -34,9 +34,9 @@ def test_review_figures_count_what_the_flag_lets_through():
     logits = torch.tensor([[4.0, 0.0], [4.0, 0.0], [0.1, 0.0], [0.0, 4.0]])
     labels = torch.tensor([0, 1, 0, 1])
     f = period_figures(logits, labels, ["a", "b", "c", "d"], ["0808100000", "0401200000"], 1.0, 0.9)
-    assert f["test_unflagged_coverage"] == 0.75  # the 0.1-margin photo is flagged
-    assert abs(f["test_unflagged_precision"] - 2 / 3) < 1e-9 and f["test_top1"] == 0.75
-    assert f["test_rulings"] == 4
+    assert f["test/unflagged_coverage"] == 0.75  # the 0.1-margin photo is flagged
+    assert abs(f["test/unflagged_precision"] - 2 / 3) < 1e-9 and f["test/top1"] == 0.75
+    assert f["test/rulings"] == 4
 
 
 def _replace_test_year(store, noise_seed: int):
@@ -69,9 +69,9 @@ def test_choices_never_read_the_test_period(tiny_store, session_cache, tmp_path)
         run_id = proc.stdout.strip().splitlines()[-1].split()[0].split("=")[1]
         runs[name] = MlflowClient(f"sqlite:///{tmp_path / name}/mlflow.db").get_run(run_id).data
     clean, noisy_run = runs["clean"], runs["noisy"]
-    for key in ("temperature", "review_threshold", "val_top1", "val_ece_after"):
+    for key in ("val/temperature", "val/review_threshold", "curves/top1_val", "val/ece_after"):
         assert clean.metrics[key] == noisy_run.metrics[key], key
-    assert clean.metrics["test_loss"] != noisy_run.metrics["test_loss"]
+    assert clean.metrics["test/loss"] != noisy_run.metrics["test/loss"]
     assert clean.tags["split_protocol"].startswith("date:") and noisy_run.tags["refit"] == "True"
-    assert clean.metrics["test_top1_ci_low"] <= clean.metrics["test_top1"] <= clean.metrics["test_top1_ci_high"]
-    assert "test_unflagged_precision" in clean.metrics and "refit_minutes" in noisy_run.metrics
+    assert clean.metrics["test/top1_ci_low"] <= clean.metrics["test/top1"] <= clean.metrics["test/top1_ci_high"]
+    assert "test/unflagged_precision" in clean.metrics and "refit_minutes" in noisy_run.metrics

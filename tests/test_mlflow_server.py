@@ -58,7 +58,7 @@ def test_training_logs_to_a_tracking_server(mlflow_server, tiny_store, session_c
 
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(run_id)
-    assert "test_top1" in run.data.metrics
+    assert "test/top1" in run.data.metrics
     assert {"plots/curves.png", "plots/confusion_matrix.png"} <= {a.path for a in client.list_artifacts(run_id,
                                                                                                           "plots")}
     mlflow.set_tracking_uri(mlflow_server)

@@ -274,5 +274,5 @@ def test_top1_on_the_test_split_equals_the_logged_test_top1(tiny_run, tiny_model
     recs = R.recommend(tiny_model, [r["path"] for r in rows], top_k=1, batch_size=4)  # several batches, workers
     assert [r.image for r in recs] == [r["path"] for r in rows] and not any(r.error for r in recs)
     correct = sum(rec.candidates[0]["hs_code"] == row["hs_code"] for rec, row in zip(recs, rows))
-    logged = client.get_run(tiny_run["run_id"]).data.metrics["test_top1"]
+    logged = client.get_run(tiny_run["run_id"]).data.metrics["test/top1"]
     assert correct == round(logged * len(rows)) and correct / len(rows) == pytest.approx(logged, abs=1e-6)

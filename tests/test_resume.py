@@ -27,20 +27,20 @@ def test_kill_9_then_resume_into_the_same_run(tiny_store, session_cache, tmp_pat
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("hsflow").experiment_id])
-    done_before = len(client.get_metric_history(run.info.run_id, "train_loss"))
+    done_before = len(client.get_metric_history(run.info.run_id, "curves/loss_train"))
     assert 0 < done_before < epochs, "the kill should land mid-training"
 
     resumed = train_cli(*args, f"resume={run.info.run_id}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.strip().splitlines()[-1].startswith(f"run_id={run.info.run_id} ")
-    history = client.get_metric_history(run.info.run_id, "train_loss")
+    history = client.get_metric_history(run.info.run_id, "curves/loss_train")
     steps = sorted({m.step for m in history})
     # Lightning saves an epoch's checkpoint just before that epoch's metrics reach MLflow: a kill in between
     # leaves that one epoch without a point (README, "Interrupted training"); every other epoch is there.
     assert epochs - 1 <= len(steps) <= epochs
     assert max(m.value for m in client.get_metric_history(run.info.run_id, "epoch")) >= epochs - 1
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
-    assert "test_top1" in client.get_run(run.info.run_id).data.metrics
+    assert "test/top1" in client.get_run(run.info.run_id).data.metrics
 
 
 def test_resume_of_unknown_run_is_one_line(tmp_path):

@@ -17,9 +17,11 @@ def sweep_overrides(store, cache, tmp, experiment):
             f"logger.experiment_name={experiment}", "logger.log_model=false", "calibration.enabled=false"]
 
 
-def runs_of(tmp, experiment):
+def runs_of(tmp, experiment, kind=None):
+    """The experiment's runs of one kind: trials (None), the sweep's parent run ("sweep"), reports ("report")."""
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
-    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    return [r for r in runs if r.data.tags.get("hsflow.kind") == kind]
 
 
 def test_joblib_grid_then_report(tiny_store, session_cache, tmp_path, capsys):
@@ -31,6 +33,10 @@ def test_joblib_grid_then_report(tiny_store, session_cache, tmp_path, capsys):
     assert len({r.data.tags["hsflow.sweep_id"] for r in runs}) == 1
     assert {r.data.tags["hsflow.launcher"] for r in runs} == {"joblib"}
     assert sorted(r.data.params["trainer.max_epochs"] for r in runs) == ["1", "1", "2", "2"]
+    # One parent run per sweep, made once although two jobs ran at a time: the UI folds the trials under it.
+    (parent,) = runs_of(tmp_path, "grid", "sweep")
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert parent.data.tags["hsflow.sweep_id"] == runs[0].data.tags["hsflow.sweep_id"]
 
     assert report.main(["--experiment", "grid", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
                         "--cols", "model.head.dropout"]) == 0
@@ -39,7 +45,7 @@ def test_joblib_grid_then_report(tiny_store, session_cache, tmp_path, capsys):
     rows = [line for line in out.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
     assert len(rows) == 2 and all(line.count("0.") >= 2 for line in rows)
     assert "Confusion matrix of the best run" in out and "0808100000" in out  # code labels
-    report_runs = [r for r in runs_of(tmp_path, "grid") if r.data.tags.get("hsflow.kind") == "report"]
+    report_runs = runs_of(tmp_path, "grid", "report")
     assert len(report_runs) == 1  # the table is logged as an artifact of a report run
 
 
@@ -54,7 +60,7 @@ def test_optuna_sweeper_one_run_per_trial(tiny_store, session_cache, tmp_path):
     assert len(lrs) == 2 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
     best = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
     # optuna's best trial is the best validation top-1 of the logged runs (never test)
-    assert best["best_value"] == pytest.approx(max(r.data.metrics["val_top1"] for r in runs))
+    assert best["best_value"] == pytest.approx(max(r.data.metrics["curves/top1_val"] for r in runs))
 
 
 def test_submitit_local_runs_one_job(tiny_store, session_cache, tmp_path):

@@ -2,6 +2,7 @@
 import json
 import re
 import shutil
+import time
 from types import SimpleNamespace
 
 import mlflow
@@ -24,11 +25,11 @@ def test_run_has_metrics_plots_config_and_fingerprint(tiny_run):
     client = MlflowClient(tracking_uri=tiny_run["tracking_uri"])
     run = client.get_run(tiny_run["run_id"])
     m = run.data.metrics
-    for key in ("test_top1", "test_top3", "test_macro_f1", "val_top1", "train_loss", "val_loss",
-                "val_ece_before", "val_ece_after", "temperature"):
+    for key in ("test/top1", "test/top3", "test/macro_f1", "curves/top1_val", "curves/loss_train", "curves/loss_val",
+                "val/ece_before", "val/ece_after", "val/temperature"):
         assert key in m, key
-    assert abs(m["test_top1"] - tiny_run["test_top1"]) < 1e-4
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3  # one point per epoch
+    assert abs(m["test/top1"] - tiny_run["test_top1"]) < 1e-4
+    assert len(client.get_metric_history(run.info.run_id, "curves/loss_train")) == 3  # one point per epoch
     assert run.data.params["optimizer._target_"] == "torch.optim.RMSprop"
     assert run.data.tags["mlflow.source.git.commit"]
     files = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
@@ -37,6 +38,28 @@ def test_run_has_metrics_plots_config_and_fingerprint(tiny_run):
     counts = fp["photos_per_class_per_split"]
     assert set(counts) == {"train", "val", "test"} and set(counts["train"]) == {"0401200000", "0808100000",
                                                                                "2009120000"}
+
+
+def test_run_is_laid_out_for_the_mlflow_ui(tiny_run):
+    """Model-training experiment with the accuracy view; grouped metric keys; counts as params; a description."""
+    from hsflow.tracking import VIEW_COLUMNS, VIEW_ID
+
+    client = MlflowClient(tracking_uri=tiny_run["tracking_uri"])
+    run = client.get_run(tiny_run["run_id"])
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{VIEW_ID}"])
+    state = json.loads(view["state"])
+    assert state["selectedColumns"] == VIEW_COLUMNS and "orderByKey" not in state  # default order keeps sweeps folded
+    logged = set(run.data.metrics)
+    assert all(col.split("`")[1] in logged for col in VIEW_COLUMNS if col.startswith("metrics."))
+    assert not [k for k in logged if k.startswith("dataset")]  # counts are not charts
+    assert {k.split("/")[0] for k in logged if "/" in k} == {"curves", "test", "val"}
+    p = run.data.params
+    assert int(p["counts.train_photos"]) > 0 and int(p["counts.classes"]) == 3 and "counts.removed_undecodable" in p
+    note = run.data.tags["mlflow.note.content"]
+    assert "**efficientnet_lite0**" in note and "dataset **demo**" in note
+    assert f"test top-1 **{run.data.metrics['test/top1']:.4f}**" in note
 
 
 def test_logged_model_loads_back_and_predicts(tiny_run, monkeypatch):
@@ -96,3 +119,26 @@ def test_failed_download_becomes_the_same_message(tmp_path, monkeypatch):
     with pytest.raises(WeightsMissing, match=r"put vgg16-397923af.pth at .*model.pretrained=false"):
         _load_torchvision_state(weights, "vgg16", allow_download=True)
     assert not list(tmp_path.rglob("*.pth"))
+
+
+def test_the_headline_command_on_the_demo_fails_in_seconds_with_one_line(tmp_path):
+    """`python -m hsflow.train dataset=ch87_balanced model=vgg16` on a fresh clone (no VGG weights, no MLflow store):
+    the dataset line comes first, before torch loads, weights are fetched or a photo is decoded."""
+    t0 = time.perf_counter()
+    proc = train_cli("dataset=ch87_balanced", "model=vgg16", f"hydra.run.dir={tmp_path}",
+                     f"logger.tracking_uri=sqlite:///{tmp_path}/m.db", env={"TORCH_HOME": str(tmp_path / "th")})
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: dataset ch87_balanced selects no photos"), proc.stderr
+    assert "scrapy crawl clip_rulings" in lines[0] and "dataset=demo_ch08_balanced" in lines[0]
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "th").exists()
+    assert seconds < 15, seconds
+
+
+def test_ui_links_open_each_experiment_on_its_runs_in_the_accuracy_view(tiny_run):
+    from hsflow.ui import links
+
+    (line,) = [x for x in links(tiny_run["tracking_uri"], "http://127.0.0.1:5000") if "hsflow:" in x]
+    assert re.search(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning"
+                     r"&viewStateShareKey=hsflow-accuracy$", line), line

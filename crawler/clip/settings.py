@@ -1,6 +1,14 @@
 """Settings of the CLIP crawler: manners for the real portal by default; tests and benchmarks turn throttling off
 with -s (see crawler/runner.py FAST)."""
+import os
+
 from .portal import REAL_BASE_URL  # relative: this package is `clip` or `crawler.clip`
+
+# Offline-quiet: Scrapy's cookie middleware asks tldextract whether a cookie's domain is a public suffix, and
+# tldextract fetches the public-suffix list from the internet on first use (a multi-screen traceback where there is
+# none). Its bundled snapshot answers that for one portal, so the crawl talks to the portal alone. tldextract reads
+# this when scrapy.downloadermiddlewares.cookies is imported, which Scrapy does after loading these settings.
+os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
 
 # `scrapy crawl` (cwd crawler/) imports this package as `clip`; `python -m crawler...` as `crawler.clip`.
 _PKG = __name__.rpartition(".")[0]

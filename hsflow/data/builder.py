@@ -190,15 +190,33 @@ def _fill(originals: list[Sample], target, first_view: int = 1) -> list[Sample]:
     return [replace(originals[i % n], view=first_view + i // n) for i in range(int(target) - n)]
 
 
+# Fetches rulings of any chapter from the portal (README "Crawl rulings from the portal").
+CRAWL_COMMAND = ("cd crawler && scrapy crawl clip_rulings -s RAW_STORE=../data/raw -s CLIP_CONTACT=you@example.org")
+
+
+def selected_photos(cfg: DictConfig, store: RawStore) -> list[Photo]:
+    """The store's photos the variant selects (its chapter), read from the ruling records alone: no photo is
+    decoded. A selection of nothing fails here, in a second, with what to do about it (one line)."""
+    chapter = str(cfg.chapter) if cfg.get("chapter") else None
+    photos = [p for p in store.photos() if not chapter or p.hs_code.startswith(chapter)]
+    if photos:
+        return photos
+    chapters = sorted({p.hs_code[:2] for p in store.photos()})
+    what = f"no ruling of chapter {chapter}" if chapter else "no ruling with photos"
+    held = f" (it holds chapters {', '.join(chapters)})" if chapters else ""
+    twin = f"; or train its twin on the shipped demo now: dataset={cfg.demo_twin}" if cfg.get("demo_twin") else ""
+    raise ValueError(f"dataset {cfg.name} selects no photos: the store {store.root} has {what}{held}. "
+                     f"Crawl such rulings from the portal ({CRAWL_COMMAND}) and add paths.raw_store=data/raw{twin}")
+
+
 def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | Path | None = None,
                   verbose: bool = True) -> DatasetSpec:
     store = RawStore(store_path)
-    chapter = str(cfg.chapter) if cfg.get("chapter") else None
     by = str(cfg.split.get("by", "ruling"))
     if by not in ("ruling", "date"):
         raise ValueError(f"dataset.split.by={by!r}: choose ruling (random by ruling, seeded) or date (cut dates)")
     cuts = _date_cuts(cfg) if by == "date" else None
-    photos = [p for p in store.photos() if not chapter or p.hs_code.startswith(chapter)]
+    photos = selected_photos(cfg, store)
     if cuts:  # checked before any photo is decoded: a period with no ruling is a config error, not a result
         check_periods(photos, cuts, cfg)
     photos, skipped = usable_photos(photos, verbose)

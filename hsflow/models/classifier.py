@@ -13,6 +13,9 @@ import torchmetrics
 from torch import nn
 
 
+VAL_TOP1 = "curves/top1_val"  # what model choice and sweepers go by
+
+
 def build_head(dim: int, num_classes: int, hidden: int, dropout: float) -> nn.Module:
     """The study's new head: dropout 0.5 before the classifier (with an optional hidden layer)."""
     if hidden:
@@ -21,14 +24,14 @@ def build_head(dim: int, num_classes: int, hidden: int, dropout: float) -> nn.Mo
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
 
 
-def _metrics(num_classes: int, prefix: str) -> torchmetrics.MetricCollection:
+def _metrics(num_classes: int, prefix: str, postfix: str | None = None) -> torchmetrics.MetricCollection:
     k = min(3, num_classes)
     return torchmetrics.MetricCollection({
         "top1": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1),
         "top3": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=k),
         "macro_f1": torchmetrics.F1Score(task="multiclass", num_classes=num_classes, average="macro"),
-    }, prefix=prefix, compute_groups=False)  # grouping would merge top-1 and top-3 when their first-batch
-    # states happen to coincide, and from then on report top-1 as top-3
+    }, prefix=prefix, postfix=postfix, compute_groups=False)  # grouping would merge top-1 and top-3 when their
+    # first-batch states happen to coincide, and from then on report top-1 as top-3
 
 
 class HSClassifier(pl.LightningModule):
@@ -41,9 +44,11 @@ class HSClassifier(pl.LightningModule):
         self.prefix, self.suffix, self.head = prefix, suffix, head
         self.optimizer_factory, self.backbone_lr_scale, self.scheduler_name = optimizer, backbone_lr_scale, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.train_metrics = _metrics(num_classes, "train_")
-        self.val_metrics = _metrics(num_classes, "val_")
-        self.test_metrics = _metrics(num_classes, "test_")
+        # Keys: MLflow's UI makes a chart section of each part before '/' and orders sections by name, so the
+        # per-epoch curves (`curves/<measure>_<split>`) come before the test results (`test/<measure>`).
+        self.train_metrics = _metrics(num_classes, "curves/", "_train")
+        self.val_metrics = _metrics(num_classes, "curves/", "_val")
+        self.test_metrics = _metrics(num_classes, "test/")
         self.confusion = torchmetrics.ConfusionMatrix(task="multiclass", num_classes=num_classes)
         self.test_logits: list[torch.Tensor] = []
         self.input_dim = input_dim  # dims of one input without batch: 1 pooled vector, 3 feature map/image
@@ -70,8 +75,8 @@ class HSClassifier(pl.LightningModule):
         logits = self(x)
         loss = self.loss(logits, y)
         metrics.update(logits, y)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test",
-                 batch_size=len(y))
+        self.log("test/loss" if stage == "test" else f"curves/loss_{stage}", loss, on_step=False, on_epoch=True,
+                 prog_bar=stage != "test", batch_size=len(y))
         return loss, logits
 
     def training_step(self, batch, _):
@@ -86,8 +91,8 @@ class HSClassifier(pl.LightningModule):
 
     def on_validation_epoch_end(self):
         values = self.val_metrics.compute()
+        self.log(VAL_TOP1, values.pop(VAL_TOP1), prog_bar=True)
         self.log_dict(values)
-        self.log("val_acc", values["val_top1"], prog_bar=True)
         self.val_metrics.reset()
 
     def test_step(self, batch, _):
