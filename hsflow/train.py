@@ -22,7 +22,7 @@ from omegaconf import DictConfig  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import MLFlowLogger  # noqa: E402
 
-from hsflow import calibration, tracking  # noqa: E402
+from hsflow import calibration, precedents, tracking  # noqa: E402
 from hsflow.config import CONF_DIR  # noqa: E402
 from hsflow.data.builder import SPLITS, build_dataset, spec_summary  # noqa: E402
 from hsflow.data.datamodule import HSDataModule  # noqa: E402
@@ -128,6 +128,18 @@ def hierarchy_top1(logits: torch.Tensor, labels: torch.Tensor, classes: list[str
     return sum(level[p] == level[t] for p, t in zip(pred, labels.tolist())) / max(1, len(pred))
 
 
+def precedent_index(cfg: DictConfig, spec, net, pre, dm, full) -> tuple[precedents.PrecedentIndex, float]:
+    """The training photos' embeddings and rulings for the model folder, and how often the nearest training
+    photo's code is the true code of a test photo (test_precedent_top1)."""
+    common = dict(prefix=net.prefix, preprocess=build_preprocess(pre), cache_dir=cfg.paths.cache_dir,
+                  cache_id=net.cache_id, draft_size=pre["resize"])
+    train, train_emb = precedents.split_embeddings("train", spec, dm, full[1], **common)
+    index = precedents.build(train, train_emb, spec.classes, cfg.paths.raw_store, k=int(cfg.precedents.k))
+    test, test_emb = precedents.split_embeddings("test", spec, dm, full[1], **common)
+    hits = [p == spec.classes[s.label] for p, s in zip(index.nearest_label(test_emb), test)]
+    return index, sum(hits) / max(1, len(hits))
+
+
 def run(cfg: DictConfig) -> dict:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     started = time.perf_counter()
@@ -189,7 +201,9 @@ def run(cfg: DictConfig) -> dict:
                     "classes": spec.classes, "preprocess": pre, "tta": bool(cfg.tta), **meta_cal,
                     "run_id": run_id, "dataset": spec.name, "dataset_fingerprint": summary["fingerprint"],
                     "test_top1": float(test["test_top1"])}
-            tracking.log_model(HSModel(full, meta), cfg)
+            index, test["test_precedent_top1"] = precedent_index(cfg, spec, net, pre, dm, full)
+            mlflow.log_metric("test_precedent_top1", test["test_precedent_top1"])
+            tracking.log_model(HSModel(full, meta, index), cfg)
         mlflow.log_metric("total_minutes", (time.perf_counter() - started) / 60)
     return {"run_id": run_id, **{k: float(v) for k, v in test.items()}, "val_top1": val}
 
