@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -188,7 +190,11 @@ def log_model(model, cfg: DictConfig) -> str:
     input example); returns its URI runs:/<id>/model."""
     from hsflow.models import pyfunc
 
-    with tempfile.TemporaryDirectory() as tmp:
+    # MLflow checks the input example by loading the logged model: no progress bars, and no advice to switch the
+    # pyfunc to type hints (the signature is given explicitly; type hints would make MLflow skip base64 decoding).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
         files = model.save(Path(tmp))
         mlflow.pyfunc.log_model(name="model", python_model=pyfunc.__file__,
                                 artifacts={p.name: str(p) for p in files},

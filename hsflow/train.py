@@ -131,8 +131,7 @@ def hierarchy_top1(logits: torch.Tensor, labels: torch.Tensor, classes: list[str
 def precedent_index(cfg: DictConfig, spec, net, pre, dm, full) -> tuple[precedents.PrecedentIndex, float]:
     """The training photos' embeddings and rulings for the model folder, and how often the nearest training
     photo's code is the true code of a test photo (test_precedent_top1)."""
-    common = dict(prefix=net.prefix, preprocess=build_preprocess(pre), cache_dir=cfg.paths.cache_dir,
-                  cache_id=net.cache_id, draft_size=pre["resize"])
+    common = dict(prefix=net.prefix, preprocess=build_preprocess(pre), draft_size=pre["resize"])
     train, train_emb = precedents.split_embeddings("train", spec, dm, full[1], **common)
     index = precedents.build(train, train_emb, spec.classes, cfg.paths.raw_store, k=int(cfg.precedents.k))
     test, test_emb = precedents.split_embeddings("test", spec, dm, full[1], **common)
