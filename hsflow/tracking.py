@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -190,11 +189,9 @@ def log_model(model, cfg: DictConfig) -> str:
     input example); returns its URI runs:/<id>/model."""
     from hsflow.models import pyfunc
 
-    # MLflow checks the input example by loading the logged model: no progress bars, and no advice to switch the
-    # pyfunc to type hints (the signature is given explicitly; type hints would make MLflow skip base64 decoding).
+    # MLflow checks the input example by loading the logged model: without progress bars.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+    with tempfile.TemporaryDirectory() as tmp:
         files = model.save(Path(tmp))
         mlflow.pyfunc.log_model(name="model", python_model=pyfunc.__file__,
                                 artifacts={p.name: str(p) for p in files},

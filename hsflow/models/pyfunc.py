@@ -16,10 +16,15 @@ the rest of the batch is answered.
 import base64
 import binascii
 import os
+import warnings
 from pathlib import Path
 
 import mlflow
 from mlflow.models import set_model
+
+# The signature is given explicitly at logging: predict type hints would make MLflow's scoring server skip its
+# base64 decoding of the binary column, so MLflow's advice to add them is not followed (nor printed).
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 SCORING_SERVER_ENV = "__pyfunc_model_path__"  # set by MLflow's scoring server (mlflow models serve) for its model
 
