@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: install train test bench ui crawl-demo clean
+.PHONY: install train test bench ui serve review crawl-demo clean
 
 # Re-install only when the project's requirements change.
 .venv/.installed: pyproject.toml
@@ -32,6 +32,12 @@ bench: install            ## speed figures side by side -> bench/results.json
 
 ui: install               ## MLflow UI over the project's tracking store on http://127.0.0.1:5000 (prints a link per experiment)
 	$(PY) -m hsflow.ui $(ARGS)
+
+serve: install            ## the latest make-train model as a REST service: POST base64 photos to http://127.0.0.1:5001/invocations
+	$(PY) -m hsflow.serve $(ARGS)
+
+review: install           ## the review page over the latest make-train model on http://127.0.0.1:8000
+	$(PY) -m hsflow.review $(ARGS)
 
 crawl-demo: install       ## serve the shipped demo through the local portal stand-in and crawl it into data/crawl
 	$(PY) -m crawler.crawl_demo $(ARGS)

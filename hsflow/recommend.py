@@ -2,7 +2,9 @@
 
 For each photo: the k most probable codes with their calibrated probability and the official descriptions of
 subheading, heading and chapter, the probabilities rolled up to chapters and headings, and `needs_review` when the
-top probability is under the model's review threshold (chosen on validation for a target precision). Photos are
+top probability is under the model's review threshold (chosen on validation for a target precision), and the
+precedents: the training rulings whose photos look most alike (hsflow.precedents), with whether the nearest one's
+code agrees with the top candidate. Photos (files, or bytes as PhotoInput) are
 decoded and preprocessed exactly as training did (`open_rgb` with JPEG draft decoding at the resize size, then
 the model's preprocessing), so top-1 on a test split equals the test top-1 the training run logged.
 
@@ -39,20 +41,32 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PROGRESS_MIN = 100  # photos; fewer finish before a bar is worth drawing
 
 
+@dataclass(frozen=True)
+class PhotoInput:
+    """One photo to recommend for: a file on this machine, or the bytes of a file (an upload, a REST request)."""
+    name: str                  # how the answer names the photo: its path, or the uploaded file's name
+    data: bytes | None = None  # the file's bytes; None: read the file at `name`
+    item: str | None = None    # photos sharing an item are one recommendation (the mean of their probabilities)
+    error: str | None = None   # refused before decoding (an upload too large, of the wrong type): answered so
+
+
 @dataclass
 class Recommendation:
-    image: str                      # the photo; with group_by="folder", the folder
+    image: str                      # the photo; for a group of photos, the folder or item
     candidates: list[dict]          # {hs_code, probability, description, heading, chapter}, best first
     rollup: dict                    # {"chapters": {code: p}, "headings": {code: p}}, the top_k of each
     needs_review: bool
     error: str | None = None        # one line '<path>: <reason>' when the photo could not be used
-    images: list[str] | None = None  # group_by="folder": the photos whose probabilities were combined
+    images: list[str] | None = None  # a group: the photos whose probabilities were combined
     totals: dict = field(default_factory=dict, repr=False)  # the rollup over every chapter and heading (table)
+    precedents: list[dict] = field(default_factory=list)  # the most similar training rulings, most similar first
+    precedent_agrees: bool | None = None  # nearest precedent's code == the top candidate's (None: no precedent)
+    group_key: str = "folder"       # a group's name field: "folder" (--group-by folder) or "item"
 
     def to_dict(self) -> dict:
-        where = {"image": self.image} if self.images is None else {"folder": self.image, "images": self.images}
+        where = {"image": self.image} if self.images is None else {self.group_key: self.image, "images": self.images}
         return {**where, "candidates": self.candidates, "rollup": self.rollup, "needs_review": self.needs_review,
-                "error": self.error}
+                "precedents": self.precedents, "precedent_agrees": self.precedent_agrees, "error": self.error}
 
 
 # --- model -------------------------------------------------------------------------------------------------------
@@ -129,23 +143,47 @@ def expand(paths: Iterable[str | Path]) -> list[Path]:
     return list(out)
 
 
+def photo_inputs(sources: Iterable[str | Path | PhotoInput], group_by: str = "none") -> list[PhotoInput]:
+    """Paths (folders expanded as `expand` does) and PhotoInputs, as PhotoInputs in order. `group_by="folder"`
+    makes each path's folder its item; PhotoInputs keep their own item."""
+    out, paths = [], []
+
+    def flush():
+        for f in expand(paths):
+            out.append(PhotoInput(str(f), item=str(f.parent) if group_by == "folder" else None))
+        paths.clear()
+
+    for src in sources:
+        if isinstance(src, PhotoInput):
+            flush()
+            out.append(src)
+        else:
+            paths.append(src)
+    flush()
+    return out
+
+
 class _Photos(Dataset):
     """What training's PhotoDataset does for an original photo, with failures returned instead of raised so one
     bad file never stops a batch."""
 
-    def __init__(self, files: list[Path], preprocess, draft_size: int | None):
-        self.files, self.preprocess, self.draft = files, preprocess, draft_size
+    def __init__(self, photos: list[PhotoInput], preprocess, draft_size: int | None):
+        self.photos, self.preprocess, self.draft = photos, preprocess, draft_size
 
     def __len__(self):
-        return len(self.files)
+        return len(self.photos)
 
     def __getitem__(self, i):
+        src = self.photos[i]
+        if src.error:
+            return i, None, src.error
         try:
-            return i, self.preprocess(open_rgb(self.files[i], draft_size=self.draft)), None
+            img = open_rgb(src.name if src.data is None else src.data, name=src.name, draft_size=self.draft)
+            return i, self.preprocess(img), None
         except PhotoError as exc:
             return i, None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a decoder bug on one odd file must not end the batch
-            return i, None, str(PhotoError(self.files[i], f"cannot process ({type(exc).__name__}: {exc})"))
+            return i, None, str(PhotoError(src.name, f"cannot process ({type(exc).__name__}: {exc})"))
 
 
 def _collate(items):
@@ -154,26 +192,28 @@ def _collate(items):
     return [i for i, _ in ok], batch, [(i, e) for i, _, e in items if e is not None]
 
 
-def predict(model: HSModel, files: list[Path], *, batch_size: int = 32, num_workers: int | None = None,
-            device: str | None = None, progress: bool | None = None) -> Iterator[tuple[Path, torch.Tensor | None,
-                                                                                      str | None]]:
-    """(file, calibrated probabilities or None, error or None) per file, in order, streamed batch by batch."""
+def predict(model: HSModel, photos: list[PhotoInput | Path], *, batch_size: int = 32,
+            num_workers: int | None = None, device: str | None = None, progress: bool | None = None
+            ) -> Iterator[tuple[PhotoInput, torch.Tensor | None, torch.Tensor | None, str | None]]:
+    """(photo, calibrated probabilities, embedding, error) per photo, in order, streamed batch by batch; the
+    tensors are None for a photo that failed, the error None for one that did not."""
+    photos = [p if isinstance(p, PhotoInput) else PhotoInput(str(p)) for p in photos]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = model.net.to(device).eval().to(memory_format=torch.channels_last)  # as features.extract does
-    batches = math.ceil(len(files) / batch_size)
+    batches = math.ceil(len(photos) / batch_size)
     workers = default_workers(device) if num_workers is None else num_workers
-    loader = DataLoader(_Photos(files, model.preprocess(), model.meta["preprocess"]["resize"]),
+    loader = DataLoader(_Photos(photos, model.preprocess(), model.meta["preprocess"]["resize"]),
                         batch_size=batch_size, collate_fn=_collate, num_workers=min(workers, batches) if batches > 1
                         else 0, pin_memory=device.startswith("cuda"))
-    disable = (len(files) < PROGRESS_MIN or None) if progress is None else not progress  # None: only on a TTY
-    with tqdm(total=len(files), desc="recommend", unit="photo", disable=disable, file=sys.stderr) as bar:
+    disable = (len(photos) < PROGRESS_MIN or None) if progress is None else not progress  # None: only on a TTY
+    with tqdm(total=len(photos), desc="recommend", unit="photo", disable=disable, file=sys.stderr) as bar:
         for idx, x, errors in loader:
-            out: dict[int, tuple] = {i: (None, e) for i, e in errors}
+            out: dict[int, tuple] = {i: (None, None, e) for i, e in errors}
             if x is not None:
-                probs = model.probabilities(x.to(device, non_blocking=True)).float().cpu()
-                out.update({i: (p, None) for i, p in zip(idx, probs)})
+                probs, emb = model.probabilities_and_embeddings(x.to(device, non_blocking=True))
+                out.update({i: (p, e, None) for i, p, e in zip(idx, probs.float().cpu(), emb.float().cpu())})
             for i in sorted(out):
-                yield files[i], *out[i]
+                yield photos[i], *out[i]
             bar.update(len(out))
 
 
@@ -194,70 +234,91 @@ def full_rollup(probs: torch.Tensor, classes: list[str]) -> dict:
     return {"chapters": hs.chapters(by_code), "headings": hs.headings(by_code)}
 
 
-def _recommendation(image: str, probs: torch.Tensor, model: HSModel, top_k: int, images=None) -> Recommendation:
+def _recommendation(image: str, probs: torch.Tensor, emb: torch.Tensor, model: HSModel, top_k: int,
+                    n_precedents: int | None, images=None, group_key: str = "folder") -> Recommendation:
     roll = full_rollup(probs, model.classes)
     top = {level: dict(list(sums.items())[:top_k]) for level, sums in roll.items()}
     threshold = float(model.meta.get("review_threshold", 0.0))
-    return Recommendation(image, candidates(probs, model.classes, top_k), top, float(probs.max()) < threshold,
-                          images=images, totals=roll)
+    rec = Recommendation(image, candidates(probs, model.classes, top_k), top, float(probs.max()) < threshold,
+                         images=images, totals=roll, group_key=group_key)
+    index = model.precedents
+    if index is not None and n_precedents != 0:
+        rec.precedents = index.nearest(emb.unsqueeze(0), n_precedents)[0]
+        nearest = index.nearest_label(emb.unsqueeze(0))[0]  # the class the nearest ruling trained as
+        rec.precedent_agrees = nearest == model.classes[int(probs.argmax())]
+    return rec
 
 
-def _failed(image: str, error: str, images=None) -> Recommendation:
-    return Recommendation(image, [], {}, True, error, images)
+def _failed(image: str, error: str, images=None, group_key: str = "folder") -> Recommendation:
+    return Recommendation(image, [], {}, True, error, images, group_key=group_key)
 
 
-def recommend(model: HSModel | str, paths: Iterable[str | Path], top_k: int = 5, *, group_by: str = "none",
-              batch_size: int = 32, num_workers: int | None = None, device: str | None = None,
-              progress: bool | None = None) -> list[Recommendation]:
-    """Recommendations for photo files and folders (recursively), one per photo in input order.
+def recommend(model: HSModel | str, paths: Iterable[str | Path | PhotoInput], top_k: int = 5, *,
+              group_by: str = "none", batch_size: int = 32, num_workers: int | None = None,
+              device: str | None = None, progress: bool | None = None,
+              precedents: int | None = None) -> list[Recommendation]:
+    """Recommendations for photo files and folders (recursively) or PhotoInputs (bytes), in input order.
 
     `group_by="folder"`: one per folder, from the mean of its photos' probabilities (each photo counts equally;
     the mean of calibrated probabilities stays a distribution), after one failed-photo record per unreadable photo.
-    `model` is an HSModel or a URI for `load`; its network moves to `device` (default: CUDA when available).
+    PhotoInputs with an `item` are grouped the same way by item. `precedents`: how many precedent rulings to list
+    (default: the model's own setting; 0: none). `model` is an HSModel or a URI for `load`; its network moves to
+    `device` (default: CUDA when available).
     """
     return list(iter_recommend(model, paths, top_k, group_by=group_by, batch_size=batch_size,
-                               num_workers=num_workers, device=device, progress=progress))
+                               num_workers=num_workers, device=device, progress=progress, precedents=precedents))
 
 
-def iter_recommend(model: HSModel | str, paths: Iterable[str | Path], top_k: int = 5, *, group_by: str = "none",
-                   batch_size: int = 32, num_workers: int | None = None, device: str | None = None,
-                   progress: bool | None = None) -> Iterator[Recommendation]:
-    """`recommend`, streamed: per-photo results come as each batch finishes."""
+def iter_recommend(model: HSModel | str, paths: Iterable[str | Path | PhotoInput], top_k: int = 5, *,
+                   group_by: str = "none", batch_size: int = 32, num_workers: int | None = None,
+                   device: str | None = None, progress: bool | None = None,
+                   precedents: int | None = None) -> Iterator[Recommendation]:
+    """`recommend`, streamed: single photos' results come as each batch finishes, groups at the end.
+
+    The one path from photos to answers: the CLI, the MLflow model (REST) and the review page all call it.
+    """
     if group_by not in ("none", "folder"):
         raise ValueError(f"group_by={group_by!r}: choose none or folder")
     if top_k < 1:
         raise ValueError(f"top_k={top_k}: must be at least 1")
     model = load(model) if isinstance(model, str) else model
-    files = expand(paths)
-    stream = predict(model, files, batch_size=batch_size, num_workers=num_workers, device=device,
+    photos = photo_inputs(paths, group_by)
+    key = "folder" if group_by == "folder" else "item"
+    stream = predict(model, photos, batch_size=batch_size, num_workers=num_workers, device=device,
                      progress=progress)
-    if group_by == "none":
-        for f, probs, error in stream:
-            yield _failed(str(f), error) if probs is None else _recommendation(str(f), probs, model, top_k)
-        return
-    groups: dict[Path, list[tuple[Path, torch.Tensor]]] = {}
-    for f, probs, error in stream:
-        group = groups.setdefault(f.parent, [])
+    groups: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    for src, probs, emb, error in stream:
+        if src.item is not None:
+            groups.setdefault(src.item, [])
         if probs is None:
-            yield _failed(str(f), error)
+            yield _failed(src.name, error)
+        elif src.item is None:
+            yield _recommendation(src.name, probs, emb, model, top_k, precedents)
         else:
-            group.append((f, probs))
-    for folder, members in groups.items():
+            groups[src.item].append((src.name, probs, emb))
+    for item, members in groups.items():
         if not members:
-            yield _failed(str(folder), f"{folder}: no usable photo in this folder", images=[])
+            yield _failed(item, f"{item}: no usable photo in this {key}", images=[], group_key=key)
             continue
-        mean = torch.stack([p for _, p in members]).mean(0)
-        yield _recommendation(str(folder), mean, model, top_k, images=[str(f) for f, _ in members])
+        mean = torch.stack([p for _, p, _ in members]).mean(0)
+        emb = torch.nn.functional.normalize(torch.stack([e for _, _, e in members]), dim=1).mean(0)
+        yield _recommendation(item, mean, emb, model, top_k, precedents, images=[n for n, _, _ in members],
+                              group_key=key)
 
 
 # --- output ------------------------------------------------------------------------------------------------------
 
-def to_json(rec: Recommendation) -> str:
+def as_json(rec: Recommendation) -> dict:
+    """The JSON object of one recommendation, probabilities to 6 decimals: what `--format json` prints a line of,
+    the MLflow model returns per row and the review page shows. Fields added to `to_dict` flow through as they are."""
     d = rec.to_dict()
-    for c in d["candidates"]:
-        c["probability"] = round(c["probability"], 6)
+    d["candidates"] = [{**c, "probability": round(c["probability"], 6)} for c in d["candidates"]]
     d["rollup"] = {level: {k: round(v, 6) for k, v in sums.items()} for level, sums in d["rollup"].items()}
-    return json.dumps(d, ensure_ascii=False)
+    return d
+
+
+def to_json(rec: Recommendation) -> str:
+    return json.dumps(as_json(rec), ensure_ascii=False)
 
 
 def _clip(text: str | None, width: int) -> str:
@@ -284,6 +345,10 @@ def to_table(rec: Recommendation) -> str:
         where = [f"heading {top[:4]}: {_clip(info.heading, 60)}"] if info.heading else []
         where.append(f"chapter {top[:2]}: {_clip(info.chapter, 60)}")
         lines.append("      " + " | ".join(where))
+    for n, p in enumerate(rec.precedents):
+        flag = "  [DISAGREES with the top code]" if n == 0 and rec.precedent_agrees is False else ""
+        lines.append(f"      precedent: ruling {p['rrdc_no']} ({p['date']}) decided {hs.display(p['hs_code'])}, "
+                     f"similarity {p['similarity']:.2f}: {_clip(p['product'], 50)}{flag}")
     return "\n".join(lines)
 
 
@@ -295,14 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", choices=("table", "json"), default="table")
     ap.add_argument("--group-by", choices=("none", "folder"), default="none",
                     help="folder: one recommendation per folder from the mean of its photos' probabilities")
+    ap.add_argument("--precedents", type=int, default=None, metavar="N",
+                    help="precedent rulings to list per photo (default: the model's setting, 3; 0: none)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-workers", type=int, default=None,
                     help="decoding processes (default: cores - 1 on a GPU, none on a CPU of <= 4 cores)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     ap.add_argument("paths", nargs="+", metavar="PATH", help="photo files or folders (searched recursively)")
     args = ap.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1 or (args.num_workers or 0) < 0:
-        ap.error("--top-k and --batch-size must be at least 1, --num-workers at least 0")
+    if args.top_k < 1 or args.batch_size < 1 or (args.num_workers or 0) < 0 or (args.precedents or 0) < 0:
+        ap.error("--top-k and --batch-size must be at least 1, --num-workers and --precedents at least 0")
     files = expand(args.paths)
     if not files:
         print(f"error: no photos found in {' '.join(args.paths)}", file=sys.stderr)
@@ -316,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     try:
         for rec in iter_recommend(model, files, args.top_k, group_by=args.group_by, batch_size=args.batch_size,
-                                  num_workers=args.num_workers, device=args.device):
+                                  num_workers=args.num_workers, device=args.device, precedents=args.precedents):
             if rec.error:
                 failed += rec.images is None
                 if args.format == "table":

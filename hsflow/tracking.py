@@ -10,6 +10,7 @@ a sweep's runs are children of one parent run per sweep, so the runs table folds
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -229,14 +230,46 @@ def log_confusion(matrix, classes: list[str], title: str = "test confusion matri
     mlflow.log_dict({"classes": classes, "matrix": m.tolist()}, "plots/confusion_matrix.json")
 
 
+def signature():
+    """What the served model takes: one row per photo (hsflow/models/pyfunc.py), `image` as bytes (base64 in
+    JSON: MLflow's scoring server decodes a binary column of `dataframe_split`/`dataframe_records`)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False),
+                       ColSpec("string", "name", required=False), ColSpec("string", "item", required=False)]),
+        params=ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("precedents", "long", -1)]))
+
+
+def input_example(model):
+    """One small real photo as bytes: a training photo's thumbnail from the precedent index (a few KB)."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    index = model.precedents
+    data = index.thumbnail(index.photo_file[0]) if index is not None and len(index) else None
+    if data is None:  # a model saved without precedents: a plain grey JPEG
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, "JPEG")
+        data = buf.getvalue()
+    return pd.DataFrame({"image": [data], "name": ["example.jpg"]})
+
+
 def log_model(model, cfg: DictConfig) -> str:
-    """The model as an MLflow pyfunc (model from code, files inside); returns its URI runs:/<id>/model."""
+    """The model as an MLflow pyfunc (model from code, every file HSModel.save writes inside, a signature and an
+    input example); returns its URI runs:/<id>/model."""
     from hsflow.models import pyfunc
 
+    # MLflow checks the input example by loading the logged model: without progress bars.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as tmp:
-        weights, meta = model.save(Path(tmp))
+        files = model.save(Path(tmp))
         mlflow.pyfunc.log_model(name="model", python_model=pyfunc.__file__,
-                                artifacts={"weights": str(weights), "meta": str(meta)},
+                                artifacts={p.name: str(p) for p in files},
+                                signature=signature(), input_example=input_example(model),
                                 pip_requirements=PIP_REQUIREMENTS,
                                 registered_model_name=cfg.logger.get("registered_model_name") or None)
     return f"runs:/{mlflow.active_run().info.run_id}/model"

@@ -28,7 +28,7 @@ def _import_training_stack() -> None:
     global mlflow, pl, torch, instantiate, ModelCheckpoint, MLFlowLogger, calibration, tracking, HSDataModule
     global Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id, FeatureCache, PhotoDataset, default_workers
     global extract, WeightsMissing, build_backbone, split_backbone, HSClassifier, build_head, HSModel, assemble
-    global evaluation, ConcatDataset, TensorDataset
+    global evaluation, precedents, ConcatDataset, TensorDataset
     import mlflow
     import pytorch_lightning as pl
     import torch
@@ -38,7 +38,7 @@ def _import_training_stack() -> None:
 
     from torch.utils.data import ConcatDataset, TensorDataset
 
-    from hsflow import calibration, evaluation, tracking
+    from hsflow import calibration, evaluation, precedents, tracking
     from hsflow.data.datamodule import HSDataModule
     from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id
     from hsflow.features import FeatureCache, PhotoDataset, default_workers, extract
@@ -165,6 +165,19 @@ def resume_checkpoint(run_id: str) -> str:
     return str(last)
 
 
+def precedent_index(cfg: DictConfig, spec, net, pre, dm, full) -> tuple[precedents.PrecedentIndex, float]:
+    """The training photos' embeddings and rulings for the model folder, and how often the nearest training
+    photo's code is the true code of a test photo (test/precedent_top1)."""
+    common = dict(prefix=net.prefix, preprocess=build_preprocess(pre), draft_size=pre["resize"])
+    known = ("train", "val") if cfg.refit.enabled else ("train",)  # every ruling the final model learned from
+    parts = [precedents.split_embeddings(sp, spec, dm, full[1], **common) for sp in known]
+    train, train_emb = [s for samples, _ in parts for s in samples], torch.cat([e for _, e in parts])
+    index = precedents.build(train, train_emb, spec.classes, cfg.paths.raw_store, k=int(cfg.precedents.k))
+    test, test_emb = precedents.split_embeddings("test", spec, dm, full[1], **common)
+    hits = [p == spec.classes[s.label] for p, s in zip(index.nearest_label(test_emb), test)]
+    return index, sum(hits) / max(1, len(hits))
+
+
 def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     _import_training_stack()
@@ -237,7 +250,9 @@ def run(cfg: DictConfig) -> dict:
                     "run_id": run_id, "dataset": spec.name, "dataset_fingerprint": summary["fingerprint"],
                     "split_protocol": spec.protocol, "refit": bool(cfg.refit.enabled),
                     "refit_val_weight": int(cfg.refit.val_weight), "test_top1": float(test["test/top1"])}
-            tracking.log_model(HSModel(full, meta), cfg)
+            index, test["test/precedent_top1"] = precedent_index(cfg, spec, net, pre, dm, full)
+            mlflow.log_metric("test/precedent_top1", test["test/precedent_top1"])
+            tracking.log_model(HSModel(full, meta, index), cfg)
         mlflow.log_metric("total_minutes", (time.perf_counter() - started) / 60)
         tracking.log_note(cfg, summary, {**{k: float(v) for k, v in test.items()}, "curves/top1_val": val})
     return {"run_id": run_id, **{k.replace("/", "_"): float(v) for k, v in test.items()}, "val_top1": val}

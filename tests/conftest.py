@@ -9,8 +9,13 @@ import collections
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -81,3 +86,44 @@ def tiny_run(tiny_store, session_cache, tmp_path_factory) -> dict:
     fields = dict(kv.split("=") for kv in last.split())
     return {"run_id": fields["run_id"], "test_top1": float(fields["test_top1"]), "last_line": last,
             "tracking_uri": f"sqlite:///{tracking}/mlflow.db", "tracking_dir": tracking, "store": tiny_store}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real server process (its own process group) answered at `url` once `ready` responds."""
+
+    def __init__(self, cmd: list[str], url: str, ready: str, env: dict | None = None, timeout: float = 240):
+        full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        full_env.update({"NO_ALBUMENTATIONS_UPDATE": "1", **(env or {})})
+        self.url, self.log = url, tempfile.NamedTemporaryFile("w+", prefix="hsflow-server-", suffix=".log")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # a file, not a pipe: a full pipe would block it
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url + ready, timeout=5)
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[:4]} exited at start:\n{self.output()[-3000:]}")
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"{cmd[:4]} did not answer {url + ready} in {timeout:.0f} s")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()

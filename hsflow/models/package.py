@@ -1,5 +1,6 @@
 """The exported model: the whole network (frozen prefix + trained suffix + head) with its classes,
-preprocessing and calibration, saved as plain files (weights.pt + meta.json) inside an MLflow model.
+preprocessing and calibration, saved as plain files (weights.pt + meta.json, and the precedent index:
+hsflow.precedents) inside an MLflow model.
 
 Loading never unpickles arbitrary objects: meta is JSON and the weights load with `torch.load(weights_only=True)`
 into a network rebuilt from the backbone registry (no download: the weights file holds every parameter).
@@ -7,7 +8,7 @@ into a network rebuilt from the backbone registry (no download: the weights file
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from hsflow.data.transforms import build_preprocess, spec_id
 from hsflow.models.backbones import build_backbone, split_backbone
 from hsflow.models.classifier import build_head
+from hsflow.precedents import PrecedentIndex
 
 WEIGHTS, META = "weights.pt", "meta.json"
 
@@ -35,6 +37,7 @@ def build_network(meta: dict) -> nn.Sequential:
 class HSModel:
     net: nn.Sequential
     meta: dict  # backbone, unfreeze, head, classes, preprocess, temperature, review_threshold, run facts
+    precedents: PrecedentIndex | None = field(default=None, repr=False)  # training photos' rulings, if saved
 
     @property
     def classes(self) -> list[str]:
@@ -51,7 +54,7 @@ class HSModel:
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(self.net.state_dict(), folder / WEIGHTS)
         (folder / META).write_text(json.dumps(self.meta, indent=1, ensure_ascii=False))
-        return [folder / WEIGHTS, folder / META]
+        return [folder / WEIGHTS, folder / META, *(self.precedents.save(folder) if self.precedents else [])]
 
     @classmethod
     def load(cls, folder: Path) -> "HSModel":
@@ -63,20 +66,31 @@ class HSModel:
         meta = json.loads(metas[0].read_text())
         net = build_network(meta)
         net.load_state_dict(torch.load(metas[0].parent / WEIGHTS, map_location="cpu", weights_only=True))
-        return cls(net.eval(), meta)
+        return cls(net.eval(), meta, PrecedentIndex.load(metas[0].parent))
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     @torch.inference_mode()
-    def probabilities(self, x: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
-        """Calibrated class probabilities for a preprocessed batch (with the mirror-image TTA if trained so)."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled embedding of a preprocessed batch: what the head reads (frozen prefix, then the trained
+        suffix for unfreeze > 0 models); the precedent index holds the training photos' embeddings."""
+        return self.net[1](self.net[0](x))
+
+    @torch.inference_mode()
+    def probabilities_and_embeddings(self, x: torch.Tensor, tta: bool | None = None):
+        """Calibrated class probabilities (with the mirror-image TTA if trained so) and embeddings, one forward."""
         tta = self.meta.get("tta", False) if tta is None else tta
-        logits = self.net(x)
+        emb = self.embed(x)
+        logits = self.net[2](emb)
         if tta:
             logits = (logits + self.net(torch.flip(x, dims=[-1]))) / 2
-        return torch.softmax(logits / self.temperature, dim=1)
+        return torch.softmax(logits / self.temperature, dim=1), emb
+
+    def probabilities(self, x: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
+        """Calibrated class probabilities for a preprocessed batch (with the mirror-image TTA if trained so)."""
+        return self.probabilities_and_embeddings(x, tta)[0]
 
 
 def load_model(uri: str) -> HSModel:

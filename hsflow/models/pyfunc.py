@@ -1,30 +1,92 @@
 """MLflow pyfunc wrapper (logged as "model from code": MLflow runs this file, no pickle).
 
-`mlflow.pyfunc.load_model("runs:/<id>/model").predict(pd.DataFrame({"path": [...]}))` returns one row per photo
-with the probability of each HS code (columns = codes).
+One row per photo, columns (all optional, one of `image`/`path` per row):
+  image  the photo file's bytes (binary; base64 in a JSON request to `mlflow models serve`)
+  path   a photo file on this machine (in-process use; refused by the scoring server unless its model config
+         says `read_paths: true`, so a REST client cannot probe the server's disk)
+  name   what the answer calls an `image` photo (default: "row <n>"; a `path` row is called by its path)
+  item   rows sharing an item are one recommendation from the mean of their probabilities (several photos of
+         one product, like `hsflow.recommend --group-by folder`)
+Params: top_k (default 5), precedents (default: the model's own setting).
+
+Returns a list with, per photo (or item), exactly the JSON object `hsflow.recommend --format json` prints: the
+same function (`hsflow.recommend.iter_recommend`) makes both. A photo that cannot be used gets its `error` entry;
+the rest of the batch is answered.
 """
+import base64
+import binascii
+import os
+import warnings
 from pathlib import Path
 
 import mlflow
 from mlflow.models import set_model
+
+# The signature is given explicitly at logging: predict type hints would make MLflow's scoring server skip its
+# base64 decoding of the binary column, so MLflow's advice to add them is not followed (nor printed).
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+
+SCORING_SERVER_ENV = "__pyfunc_model_path__"  # set by MLflow's scoring server (mlflow models serve) for its model
+
+
+def photo_bytes(value) -> bytes:
+    """The bytes of a photo from an `image` cell: base64 text (str, or bytes as MLflow's `inputs` format leaves it)
+    is decoded; raw file bytes (what `dataframe_split`/`dataframe_records` hand over after MLflow decoded them, or
+    an in-process caller's) are kept. A real image file always holds bytes outside the base64 alphabet."""
+    if isinstance(value, str):
+        return base64.b64decode("".join(value.split()), validate=True)  # line breaks (encodebytes) allowed
+    value = bytes(value)
+    try:
+        return base64.b64decode(b"".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return value
+
+
+def _given(value) -> bool:
+    return value is not None and not (isinstance(value, float) and value != value)  # None or NaN: absent
 
 
 class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from hsflow.models.package import HSModel
 
-        self.model = HSModel.load(Path(context.artifacts["meta"]).parent)
+        self.model = HSModel.load(Path(context.artifacts["meta.json"]).parent)
+        config = context.model_config or {}
+        self.read_paths = bool(config.get("read_paths", SCORING_SERVER_ENV not in os.environ))
+
+    def inputs(self, model_input) -> list:
+        """A PhotoInput per row; a row that names no usable photo carries its error (answered in its place)."""
+        import pandas as pd
+
+        from hsflow.recommend import PhotoInput
+
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame({"path": list(model_input)})
+        rows = []
+        for n, row in enumerate(model_input.to_dict("records")):
+            item = str(row["item"]) if _given(row.get("item")) else None
+            if _given(row.get("image")):
+                name = str(row["name"]) if _given(row.get("name")) else f"row {n}"
+                try:
+                    rows.append(PhotoInput(name, photo_bytes(row["image"]), item))
+                except (binascii.Error, ValueError, TypeError):
+                    rows.append(PhotoInput(name, item=item, error=f"{name}: image is not base64 text"))
+            elif _given(row.get("path")):
+                path = str(row["path"])
+                rows.append(PhotoInput(path, item=item) if self.read_paths else PhotoInput(
+                    path, item=item, error=f"{path}: this server reads no paths; send the photo's bytes as image"))
+            else:
+                rows.append(PhotoInput(f"row {n}", item=item, error=f"row {n}: no image or path given"))
+        return rows
 
     def predict(self, context, model_input, params=None):
-        import pandas as pd
-        import torch
+        from hsflow.recommend import as_json, iter_recommend
 
-        from hsflow.images import open_rgb
-
-        paths = list(model_input["path"]) if hasattr(model_input, "columns") else list(model_input)
-        pre = self.model.preprocess()
-        x = torch.stack([pre(open_rgb(p)) for p in paths])
-        return pd.DataFrame(self.model.probabilities(x).numpy(), columns=self.model.classes)
+        params = params or {}
+        precedents = params.get("precedents")
+        return [as_json(rec) for rec in iter_recommend(
+            self.model, self.inputs(model_input), int(params.get("top_k") or 5), num_workers=0, progress=False,
+            precedents=None if precedents is None or int(precedents) < 0 else int(precedents))]
 
 
 set_model(HSFlowPyfunc())

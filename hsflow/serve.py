@@ -1,0 +1,88 @@
+"""`python -m hsflow.serve [--model URI] [--port 5001]` (`make serve`): the model behind MLflow's own REST server.
+
+Runs `mlflow models serve -m <model> --env-manager local --host 127.0.0.1`, so the service is exactly what a team
+deploys with MLflow (`mlflow models serve`, `mlflow models build-docker`). Without --model it serves the latest
+finished run with a logged model in the experiment `make train` logs to (MLflow's search API; --experiment and
+--filter narrow the search, e.g. --filter "params.\\`model.name\\` = 'efficientnet_lite0'"). POST photos to
+/invocations as base64 (README: "The three ways to ask").
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from hsflow.config import default_tracking_uri
+
+EXPERIMENT = "hsflow"  # conf/logger/mlflow.yaml's experiment_name: where `make train` logs
+DEFAULT_PORT = 5001    # `make ui` has 5000
+
+
+def latest_model_uri(experiment: str = EXPERIMENT, run_filter: str = "", tracking_uri: str | None = None) -> str:
+    """runs:/<id>/model of the most recently started finished run in `experiment` that logged a model; LookupError
+    with one line saying what to do when there is none."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise LookupError(f"no tracking store at {uri}: run `make train` first (or set MLFLOW_TRACKING_URI)")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise LookupError(f"no MLflow experiment {experiment!r} in {uri}: run `make train` first")
+    where = "attributes.status = 'FINISHED'" + (f" AND {run_filter}" if run_filter else "")
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        for run in client.search_runs([exp.experiment_id], where, order_by=["attributes.start_time DESC"],
+                                      max_results=100):
+            if mlflow.search_logged_models(experiment_ids=[exp.experiment_id], max_results=1, output_format="list",
+                                           filter_string=f"source_run_id = '{run.info.run_id}'"):
+                return f"runs:/{run.info.run_id}/model"
+    finally:
+        mlflow.set_tracking_uri(saved)
+    raise LookupError(f"no finished run with a logged model in experiment {experiment!r} of {uri}"
+                      + (f" matching {run_filter!r}" if run_filter else "") + ": run `make train` first")
+
+
+def model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="runs:/<run id>/model, models:/<name>/<version> or a folder (default: the latest "
+                             "`make train` model)")
+    parser.add_argument("--experiment", default=EXPERIMENT, help=f"where to look for the latest (default {EXPERIMENT})")
+    parser.add_argument("--filter", default="", dest="run_filter",
+                        help="an MLflow run filter the latest must match, e.g. \"params.`model.name` = 'x'\"")
+
+
+def resolve_model(args) -> str:
+    return args.model or latest_model_uri(args.experiment, args.run_filter)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hsflow.serve", description=__doc__.split("\n\n")[0])
+    model_argument(ap)
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT)
+    ap.add_argument("--workers", type=int, default=1, help="server processes, each holding the model")
+    args = ap.parse_args(argv)
+    try:
+        uri = resolve_model(args)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    bindir = str(Path(sys.executable).parent)  # the venv's: mlflow starts `uvicorn` by name from PATH
+    mlflow_cli = shutil.which("mlflow", path=bindir) or "mlflow"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": default_tracking_uri(),
+           "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")])}
+    cmd = [mlflow_cli, "models", "serve", "-m", uri, "--env-manager", "local", "--host", args.host,
+           "--port", str(args.port), "--workers", str(args.workers)]
+    print(f"serving {uri} on http://{args.host}:{args.port}/invocations ({' '.join(cmd[1:])})", file=sys.stderr,
+          flush=True)
+    os.execvpe(cmd[0], cmd, env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
