@@ -22,7 +22,8 @@ from omegaconf import DictConfig  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import MLFlowLogger  # noqa: E402
 
-from hsflow import calibration, tracking  # noqa: E402
+from hsflow import calibration, metrics, tracking  # noqa: E402
+from hsflow.timing import EpochTimer, StageClock  # noqa: E402
 from hsflow.config import CONF_DIR  # noqa: E402
 from hsflow.data.builder import SPLITS, build_dataset, spec_summary  # noqa: E402
 from hsflow.data.datamodule import HSDataModule  # noqa: E402
@@ -47,7 +48,7 @@ def _with_mirror(samples):
     return [replace(s, view=-1) for s in samples]
 
 
-def prepare(cfg: DictConfig):
+def prepare(cfg: DictConfig, clock: StageClock | None = None):
     """Dataset, split backbone, DataModule and LightningModule for a config (no MLflow yet)."""
     if cfg.features not in ("cached", "naive"):
         raise ValueError(f"features={cfg.features!r}: choose cached or naive")
@@ -55,7 +56,9 @@ def prepare(cfg: DictConfig):
     workers = default_workers(device) if cfg.num_workers is None else cfg.num_workers  # decided once, for every loader
     if not isinstance(workers, int) or workers < 0:
         raise ValueError(f"num_workers={cfg.num_workers!r}: give 0 or more decoding processes, or null for automatic")
+    clock = clock or StageClock()
     spec = build_dataset(cfg.dataset, cfg.paths.raw_store, cache_dir=cfg.paths.cache_dir)
+    clock.mark("dataset")
     if not spec.split("train") or not spec.split("test"):
         raise ValueError(f"dataset {spec.name}: empty train or test split ({spec_summary(spec)['photos']})")
     pre = preprocess_spec(cfg.model)
@@ -81,6 +84,7 @@ def prepare(cfg: DictConfig):
                 feats[sp] = torch.stack([feats[sp], mirrored], dim=1)
         dm = HSDataModule.from_features(feats, labels, **common)
         prefix = None
+        clock.mark("features")
     else:
         dm = HSDataModule({sp: PhotoDataset(spec.split(sp), preprocess, augmenter, pre["resize"],
                                             tta=bool(cfg.tta) and sp != "train") for sp in SPLITS},
@@ -121,20 +125,18 @@ def resume_checkpoint(run_id: str) -> str:
     return str(last)
 
 
-def hierarchy_top1(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], digits: int) -> float:
-    """Top-1 at a coarser level of the nomenclature: the predicted code's first `digits` digits are right."""
-    level = [c[:digits] for c in classes]
-    pred = logits.argmax(1).tolist()
-    return sum(level[p] == level[t] for p, t in zip(pred, labels.tolist())) / max(1, len(pred))
+def labels_of(spec, split: str) -> torch.Tensor:
+    return torch.tensor([s.label for s in spec.split(split)], dtype=torch.long)
 
 
 def run(cfg: DictConfig) -> dict:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     started = time.perf_counter()
+    clock = StageClock()
     exp_id = tracking.experiment_id(cfg)
     # A resume without a checkpoint fails here, before minutes of dataset building and feature extraction.
     ckpt_path = resume_checkpoint(str(cfg.resume)) if cfg.get("resume") else None
-    spec, net, pre, dm, module = prepare(cfg)
+    spec, net, pre, dm, module = prepare(cfg, clock)
     prepared = time.perf_counter()
     summary = spec_summary(spec)
     log.info("dataset %s: %s", spec.name, summary)
@@ -152,20 +154,28 @@ def run(cfg: DictConfig) -> dict:
                               run_id=run_id)
         # Every epoch replaces the one checkpoint (last.ckpt links to it): a kill loses at most the epoch in flight.
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last="link", save_top_k=1, every_n_epochs=1)
-        trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[checkpoint])
+        epochs = EpochTimer()
+        trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[checkpoint, epochs])
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         fitted = time.perf_counter()
+        clock.mark("fit", epochs=len(epochs.seconds), epoch_seconds=epochs.seconds)
         # Read before testing: trainer.test() clears callback_metrics, and sweepers optimize this value.
         val = trainer.callback_metrics.get("val_top1")
         val = float(val) if val is not None else float("nan")
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
-        test_logits = torch.cat(module.test_logits)
-        test_y = torch.tensor([s.label for s in spec.split("test")])
-        test["test_chapter_top1"] = hierarchy_top1(test_logits, test_y, spec.classes, 2)
-        test["test_heading_top1"] = hierarchy_top1(test_logits, test_y, spec.classes, 4)
-        mlflow.log_metrics({"test_chapter_top1": test["test_chapter_top1"],
-                            "test_heading_top1": test["test_heading_top1"],
-                            "prepare_minutes": (prepared - started) / 60, "fit_minutes": (fitted - prepared) / 60})
+        test_topk, test_y = module.test_metrics.states()
+        test_pred = test_topk[:, 0]
+        test["test_chapter_top1"] = metrics.hierarchy_top1(test_pred, test_y, spec.classes, 2)
+        test["test_heading_top1"] = metrics.hierarchy_top1(test_pred, test_y, spec.classes, 4)
+        # Accuracy by frequency band: classes grouped by their training photos (head / body / tail).
+        train_counts = torch.bincount(labels_of(spec, "train"), minlength=len(spec.classes)).tolist()
+        bands = cfg.get("frequency_bands") or {"head_from": 100, "tail_below": 10}
+        band = metrics.band_of(train_counts, int(bands["head_from"]), int(bands["tail_below"]))
+        test.update({f"test_{k}": v for k, v in metrics.band_top1(test_topk, test_y, band).items()})
+        mlflow.log_metrics({k: v for k, v in test.items() if k.startswith(("test_chapter", "test_heading", "test_head",
+                                                                          "test_body", "test_tail"))}
+                           | {"prepare_minutes": (prepared - started) / 60, "fit_minutes": (fitted - prepared) / 60})
+        clock.mark("test")
 
         # Calibration on validation: temperature, ECE before/after, review threshold for the target precision.
         meta_cal = {"temperature": 1.0, "review_threshold": 0.0}
@@ -178,10 +188,9 @@ def run(cfg: DictConfig) -> dict:
             mlflow.log_metrics({"val_ece_before": calibration.ece(torch.softmax(val_logits, 1), val_y),
                                 "val_ece_after": calibration.ece(probs, val_y), "temperature": t,
                                 "review_threshold": meta_cal["review_threshold"]})
+        clock.mark("calibrate")
 
-        tracking.log_curves(run_id)
-        tracking.log_confusion(module.confusion.compute().cpu().numpy(), spec.classes,
-                               f"{cfg.model.name} on {spec.name}: test top-1 {test['test_top1']:.3f}")
+        # The model first: what follows (plots, tables) may fail at some scale, and must not lose a trained run.
         if cfg.logger.log_model:
             full = assemble(net.prefix, module.suffix, module.head).cpu().eval()
             meta = {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze,
@@ -190,7 +199,23 @@ def run(cfg: DictConfig) -> dict:
                     "run_id": run_id, "dataset": spec.name, "dataset_fingerprint": summary["fingerprint"],
                     "test_top1": float(test["test_top1"])}
             tracking.log_model(HSModel(full, meta), cfg)
+        clock.mark("log_model")
+        pairs = metrics.confusion_pairs(test_pred, test_y)
+        title = f"{cfg.model.name} on {spec.name}: test top-1 {test['test_top1']:.3f}"
+        failed = [f for f in (tracking.guarded("plots/curves.png", tracking.log_curves, run_id),
+                              tracking.guarded("the confusion matrix", tracking.log_confusion, pairs, spec.classes,
+                                               title),
+                              tracking.guarded("plots/confused_pairs.png", tracking.log_confused_pairs, pairs,
+                                               spec.classes, title),
+                              tracking.guarded("plots/confusion_chapters.png", tracking.log_chapter_confusion,
+                                               pairs, spec.classes, title),
+                              tracking.guarded("plots/confusion_headings.png", tracking.log_heading_confusion,
+                                               pairs, spec.classes, title)) if f]
+        clock.mark("plots", failed=len(failed))
         mlflow.log_metric("total_minutes", (time.perf_counter() - started) / 60)
+        tracking.guarded("timings.json", mlflow.log_dict, clock.as_dict(), "timings.json")
+    if cfg.get("timings_file"):
+        clock.write(cfg.timings_file)
     return {"run_id": run_id, **{k: float(v) for k, v in test.items()}, "val_top1": val}
 
 
