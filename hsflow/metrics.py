@@ -39,9 +39,9 @@ class TopK(Metric):
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(top-k indices N x k, labels N) on the CPU, all processes' photos when synced."""
-        if not self.topk:
+        if isinstance(self.topk, list) and not self.topk:  # a list before syncing, one tensor after it (DDP)
             return torch.zeros(0, self.k, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        return dim_zero_cat(self.topk).long().cpu(), dim_zero_cat(self.target).long().cpu()
+        return dim_zero_cat(self.topk).long().cpu().view(-1, self.k), dim_zero_cat(self.target).long().cpu()
 
     def compute(self) -> dict[str, torch.Tensor]:
         topk, target = self.states()

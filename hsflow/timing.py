@@ -20,13 +20,14 @@ class StageClock:
 
     def __init__(self):
         self.t0 = self.last = time.perf_counter()
+        self.cpu = time.process_time()
         self.stages: list[dict] = []
 
     def mark(self, name: str, **extra) -> None:
-        now = time.perf_counter()
-        self.stages.append({"stage": name, "seconds": round(now - self.last, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-                            **extra})
-        self.last = now
+        now, cpu = time.perf_counter(), time.process_time()
+        self.stages.append({"stage": name, "seconds": round(now - self.last, 3), "cpu_seconds": round(cpu - self.cpu, 3),
+                            "peak_rss_mb": round(peak_rss_mb(), 1), **extra})
+        self.last, self.cpu = now, cpu
 
     def as_dict(self) -> dict:
         return {"total_seconds": round(time.perf_counter() - self.t0, 3), "stages": self.stages}
@@ -36,14 +37,16 @@ class StageClock:
 
 
 class EpochTimer(pl.Callback):
-    """Seconds per training epoch (its validation included)."""
+    """Wall and CPU seconds per training epoch (its validation included)."""
 
     def __init__(self):
         self.seconds: list[float] = []
-        self._t = 0.0
+        self.cpu_seconds: list[float] = []
+        self._t = self._c = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._t = time.perf_counter()
+        self._t, self._c = time.perf_counter(), time.process_time()
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.seconds.append(round(time.perf_counter() - self._t, 3))
+        self.cpu_seconds.append(round(time.process_time() - self._c, 3))
