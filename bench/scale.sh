@@ -28,7 +28,7 @@ stage train $PY -m hsflow.train paths.raw_store="$WORK/store" paths.cache_dir="$
 grep -q '^run_id=' "$WORK/train.out"
 RUN=$(sed -n 's/^run_id=\([0-9a-f]*\).*/\1/p' "$WORK/train.out")
 stage report $PY -m hsflow.report --experiment "scale-$M" --layout list
-mkdir -p "$WORK/shipment"; ls "$WORK/store/photos" | head -1000 | sed "s|^|$WORK/store/photos/|" | xargs cp -t "$WORK/shipment"
+mkdir -p "$WORK/shipment"; ls "$WORK/store/photos" | sed -n 1,1000p | sed "s|^|$WORK/store/photos/|" | xargs cp -t "$WORK/shipment"
 stage recommend $PY -m hsflow.recommend --model "runs:/$RUN/model" --format json --top-k 3 "$WORK/shipment"
 $PY - "$WORK" "$N" "$M" <<'PY'
 import json, os, sys

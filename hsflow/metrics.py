@@ -43,6 +43,11 @@ class TopK(Metric):
             return torch.zeros(0, self.k, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         return dim_zero_cat(self.topk).long().cpu().view(-1, self.k), dim_zero_cat(self.target).long().cpu()
 
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """states() over every process's photos (a no-op gather when not distributed)."""
+        with self.sync_context():
+            return self.states()
+
     def compute(self) -> dict[str, torch.Tensor]:
         topk, target = self.states()
         out = summarize(topk, target, self.num_classes)

@@ -97,6 +97,10 @@ def log_start(cfg: DictConfig, spec, summary: dict) -> None:
                        | {f"dataset_removed_{rule}": n for rule, n in summary["removed"].items()})
     if spec.near_duplicates:
         mlflow.log_dict({"clusters": spec.near_duplicates}, "dataset/near_duplicates.json")
+    # Every code that is not a class as it stands (dropped, relabelled to a catch-all, train-only), and why.
+    mlflow.log_dict(spec.codes, "dataset/codes.json")
+    mlflow.log_metrics({f"dataset_codes_{fate}": n for fate, n in summary.get("codes", {}).items()}
+                       | {"dataset_classes": len(spec.classes)})
 
 
 def log_curves(run_id: str) -> None:

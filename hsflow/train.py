@@ -179,7 +179,7 @@ def run(cfg: DictConfig) -> dict:
         val = trainer.callback_metrics.get("val_top1")
         val = float(val) if val is not None else float("nan")
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
-        test_topk, test_y = module.test_metrics.states()
+        test_topk, test_y = module.test_metrics.gathered()
         test_pred = test_topk[:, 0]
         test["test_chapter_top1"] = metrics.hierarchy_top1(test_pred, test_y, spec.classes, 2)
         test["test_heading_top1"] = metrics.hierarchy_top1(test_pred, test_y, spec.classes, 4)
