@@ -4,6 +4,8 @@
 #   bash bench/scale.sh                 # 10,000 rulings / 3,000 codes (~26,000 photos) -> bench/scale_3000.json
 #   bash bench/scale.sh 955 42          # the demo's size, for the growth figures     -> bench/scale_42.json
 # Extra arguments after the two numbers go to hsflow.train (e.g. trainer.max_epochs=5).
+# On a CPU shared with other jobs, OMP_NUM_THREADS=1 keeps torch's threads from spinning on busy cores (the
+# README's table says which setting and what load it ran with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10000}; M=${2:-3000}; shift $(( $# >= 2 ? 2 : $# ))
@@ -43,7 +45,8 @@ train_line = (work / "train.out").read_text().strip().splitlines()[-1]
 err = (work / "train.err").read_text().splitlines()
 out = {"archive": json.loads((work / "generate.out").read_text()),
        "store": {k: info[k] for k in ("rulings", "photos", "codes", "undecodable_photos")},
-       "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()},
+       "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
        "stages": {"generate": t("generate"), "import": t("import"), "info": t("info"), "train_process": t("train"),
                   **{f"train.{s['stage']}": s for s in timings["stages"]},
                   "report": t("report"), "recommend_1000_photos": t("recommend")},
