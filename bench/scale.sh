@@ -32,33 +32,10 @@ RUN=$(sed -n 's/^run_id=\([0-9a-f]*\).*/\1/p' "$WORK/train.out")
 stage report $PY -m hsflow.report --experiment "scale-$M" --layout list
 mkdir -p "$WORK/shipment"; ls "$WORK/store/photos" | sed -n 1,1000p | sed "s|^|$WORK/store/photos/|" | xargs cp -t "$WORK/shipment"
 stage recommend $PY -m hsflow.recommend --model "runs:/$RUN/model" --format json --top-k 3 "$WORK/shipment"
-$PY - "$WORK" "$N" "$M" <<'PY'
-import json, os, sys
-from pathlib import Path
-work, n, m = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-def t(name):
-    wall, rss, user, sys_ = (work / f"{name}.time").read_text().split()[-4:]
-    return {"seconds": float(wall), "cpu_seconds": round(float(user) + float(sys_), 2), "peak_rss_mb": round(int(rss) / 1024, 1)}
-info = json.loads((work / "info.out").read_text())
-timings = json.loads((work / "timings.json").read_text())
-train_line = (work / "train.out").read_text().strip().splitlines()[-1]
-err = (work / "train.err").read_text().splitlines()
-out = {"archive": json.loads((work / "generate.out").read_text()),
-       "store": {k: info[k] for k in ("rulings", "photos", "codes", "undecodable_photos")},
-       "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
-                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
-       "stages": {"generate": t("generate"), "import": t("import"), "info": t("info"), "train_process": t("train"),
-                  **{f"train.{s['stage']}": s for s in timings["stages"]},
-                  "report": t("report"), "recommend_1000_photos": t("recommend")},
-       "train_last_line": train_line,
-       "dataset_summary": [l for l in err if l.startswith(("dataset ", "  "))][:20],
-       "warnings": [l for l in err if l.startswith("warning: ") and "not logged" in l]}
-fit = timings["stages"][[s["stage"] for s in timings["stages"]].index("fit")]
-out["fit_epoch_cpu_us_per_photo"] = [round(c / fit["train_photos"] * 1e6, 1) for c in fit["epoch_cpu_seconds"]]
-out["fit_epoch_wall_us_per_photo"] = [round(c / fit["train_photos"] * 1e6, 1) for c in fit["epoch_seconds"]]
-end = ["import", "info", "train_process", "report", "recommend_1000_photos"]
-out["end_to_end_seconds"] = round(sum(out["stages"][k]["seconds"] for k in end), 1)
-out["peak_rss_mb"] = max(out["stages"][k]["peak_rss_mb"] for k in end)
-Path(f"bench/scale_{m}.json").write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
-print(json.dumps({k: out[k] for k in ("end_to_end_seconds", "peak_rss_mb", "fit_epoch_cpu_us_per_photo", "train_last_line")}))
-PY
+# The same store with every code its own class (long_tail.min_rulings=1, the hardest case for the head; the
+# feature cache is warm, so this stage is dataset + fit + test + logging).
+stage train_all_codes $PY -m hsflow.train paths.raw_store="$WORK/store" paths.cache_dir="$WORK/cache" \
+  logger.tracking_uri="$MLFLOW_TRACKING_URI" logger.experiment_name="scale-$M" hydra.run.dir="$WORK/outputs-all" \
+  model.input_size=64 model.resize_size=64 trainer.max_epochs=3 timings_file="$WORK/timings_all_codes.json" \
+  dataset.long_tail.min_rulings=1 "$@"
+$PY bench/scale_summary.py "$WORK" "$N" "$M"

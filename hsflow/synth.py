@@ -4,7 +4,7 @@ Writes OUT/rulings.jsonl + OUT/images/ in the shape of shared/demo-portal (the p
 over 2007-2019 so the default dated split has train, validation and test years), for `hsflow.store
 import-archive`. Codes are real HS 2022 subheadings (so recommend describes them); rulings per code follow a
 long tail (every code at least once, a Zipf share of the rest: a few codes get hundreds); photos are small drawings
-whose colours, shape and texture are fixed per code and whose placement, size, noise and light vary per photo:
+whose colours, shape and texture are fixed per code and whose placement, size and light vary per photo:
 cheap to make and decode, and learnable, so a training run at this scale measures something.
 """
 from __future__ import annotations
@@ -91,8 +91,12 @@ def draw_photo(style: dict, rng: random.Random, size: int = 72) -> Image.Image:
         for _ in range(style["stripes"]):
             cx, cy = rng.uniform(0, size), rng.uniform(0, size)
             d.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=fg)
-    light = rng.uniform(0.8, 1.2)
-    img = img.point(lambda v: min(255, int(v * light)))
+    # Light falls differently on every photo: a random 4x4 brightness field, smoothly upscaled. It gives each photo
+    # its own grey-level structure (the perceptual hash looks at grey levels only), so photos are not
+    # near-duplicates of each other, while the code stays in the hues and the shape.
+    field = Image.frombytes("L", (4, 4), bytes(rng.randrange(150, 256) for _ in range(16)))
+    field = field.resize((size, size), Image.BICUBIC)
+    img = Image.composite(img, Image.new("RGB", (size, size), (0, 0, 0)), field)
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
 
 
