@@ -21,7 +21,8 @@ def train(name, timings):
     fit = next(s for s in stages if s["stage"] == "fit")
     return {"process": t(name), "stages": stages,
             "last_line": (work / f"{name}.out").read_text().strip().splitlines()[-1],
-            "dataset_summary": [ln[:400] for ln in err if ln.startswith(("dataset ", "  "))][:12],
+            "dataset_summary": [ln[:400] for ln in err if ln.startswith(
+                ("dataset ", "  catch_all", "  dropped", "  train_only", "  near-duplicate"))][:12],
             "plot_warnings": [ln for ln in err if ln.startswith("warning: ") and "not logged" in ln],
             "fit_epoch_cpu_us_per_photo": [round(c / fit["train_photos"] * 1e6, 1) for c in fit["epoch_cpu_seconds"]],
             "fit_epoch_wall_us_per_photo": [round(c / fit["train_photos"] * 1e6, 1) for c in fit["epoch_seconds"]]}
