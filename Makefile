@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: install train test bench ui serve review crawl-demo clean
+.PHONY: install train test bench bench-scale ui serve review crawl-demo clean
 
 # Re-install only when the project's requirements change.
 .venv/.installed: pyproject.toml
@@ -29,6 +29,9 @@ test: install             ## run the test suite
 
 bench: install            ## speed figures side by side -> bench/results.json
 	$(PY) -m hsflow.bench $(ARGS)
+
+bench-scale: install      ## 3,000 codes / ~26,000 photos, stage by stage -> bench/scale_3000.json (ARGS="955 42": demo size)
+	bash bench/scale.sh $(ARGS)
 
 ui: install               ## MLflow UI over the project's tracking store on http://127.0.0.1:5000 (prints a link per experiment)
 	$(PY) -m hsflow.ui $(ARGS)

@@ -96,7 +96,14 @@ def confusion_markdown(run) -> str:
     try:
         path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="plots/confusion_matrix.json")
     except Exception as exc:  # noqa: BLE001 - an old run without the artifact still gets its table
-        return f"(no confusion matrix for run {run.info.run_id}: {type(exc).__name__})"
+        try:  # over FULL_MATRIX_MAX classes a run logs no full matrix, only its most confused pairs
+            path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                       artifact_path="plots/confused_pairs.json")
+        except Exception:  # noqa: BLE001
+            return f"(no confusion matrix for run {run.info.run_id}: {type(exc).__name__})"
+        top = json.loads(open(path).read())["top_confused_pairs"][:10]
+        return "most confused (decided -> predicted: photos):\n" + "\n".join(
+            f"- {d['decided']} -> {d['predicted']}: {d['photos']}" for d in top)
     data = json.loads(open(path).read())
     classes, m = data["classes"], data["matrix"]
     if len(classes) > 12:  # too wide for a terminal: the most confused pairs instead

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -157,6 +158,9 @@ def log_start(cfg: DictConfig, spec, summary: dict) -> None:
                       | {f"counts.removed_{rule}": n for rule, n in summary["removed"].items()})
     if spec.near_duplicates:
         mlflow.log_dict({"clusters": spec.near_duplicates}, "dataset/near_duplicates.json")
+    # Every code that is not a class as it stands (dropped, relabelled to a catch-all, train-only), and why.
+    mlflow.log_dict(spec.codes, "dataset/codes.json")
+    mlflow.log_params({f"counts.codes_{fate}": n for fate, n in summary.get("codes", {}).items()})
 
 
 def log_note(cfg: DictConfig, summary: dict, metrics: dict[str, float]) -> None:
@@ -198,35 +202,71 @@ def log_curves(run_id: str) -> None:
     plt.close(fig)
 
 
-def log_confusion(matrix, classes: list[str], title: str = "test confusion matrix") -> None:
+FULL_MATRIX_MAX = 60    # classes up to which the full code x code matrix is drawn (and stored dense)
+TOP_PAIRS = 30          # confused pairs drawn
+MATRIX_MAX = 40         # rows/columns of a heading or per-chapter matrix
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _matrix_figure(m, labels: list[str], title: str, artifact: str, xlabel: str = "predicted HS code",
+                   ylabel: str = "decided HS code") -> None:
+    """A row-normalised heatmap with counts in the cells (when small enough to read); size bounded."""
     import numpy as np
 
-    m = np.asarray(matrix)
-    n = len(classes)
-    size = max(5.0, 0.32 * n + 2)
+    plt = _plt()
+    m = np.asarray(m)
+    n = len(labels)
+    size = min(30.0, max(5.0, 0.32 * n + 2))
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     rows = m.sum(1, keepdims=True)
     im = ax.imshow(np.divide(m, rows, out=np.zeros_like(m, dtype=float), where=rows > 0), cmap="Blues",
                    vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=90, fontsize=7 if n > 15 else 9)
-    ax.set_yticks(range(n), classes, fontsize=7 if n > 15 else 9)
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=7 if n > 15 else 9)
+    ax.set_yticks(range(n), labels, fontsize=7 if n > 15 else 9)
     if n <= 45:
-        for i in range(n):
-            for j in range(n):
-                if m[i, j]:
-                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6 if n > 15 else 9,
-                            color="white" if m[i, j] > 0.5 * max(rows[i, 0], 1) else "black")
-    ax.set_xlabel("predicted HS code")
-    ax.set_ylabel("decided HS code")
+        for i, j in zip(*np.nonzero(m)):
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6 if n > 15 else 9,
+                    color="white" if m[i, j] > 0.5 * max(rows[i, 0], 1) else "black")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the row")
     fig.tight_layout()
-    mlflow.log_figure(fig, "plots/confusion_matrix.png")
+    mlflow.log_figure(fig, artifact)
     plt.close(fig)
+
+
+def _grouped(pairs, classes: list[str], key, keep: list[str] | None = None):
+    """Sum sparse (decided, predicted, count) pairs into a dense matrix over key(code) groups (only `keep`)."""
+    import numpy as np
+
+    groups = keep if keep is not None else sorted({key(c) for c in classes})
+    pos = {g: i for i, g in enumerate(groups)}
+    m = np.zeros((len(groups), len(groups)), dtype=np.int64)
+    for t, p, c in pairs:
+        a, b = pos.get(key(classes[t])), pos.get(key(classes[p]))
+        if a is not None and b is not None:
+            m[a, b] += c
+    return groups, m
+
+
+def log_confusion(pairs, classes: list[str], title: str = "test confusion matrix") -> None:
+    """The test confusion as data (`plots/confusion_pairs.json`, sparse) and, up to FULL_MATRIX_MAX classes, the
+    study's full matrix (`plots/confusion_matrix.png/.json`). Bounded views at any size: `top_confused_pairs`,
+    `log_chapter_confusion`, `log_heading_confusion`."""
+    mlflow.log_dict({"classes": classes, "pairs": [list(p) for p in pairs]}, "plots/confusion_pairs.json")
+    if len(classes) > FULL_MATRIX_MAX:
+        return
+    _, m = _grouped(pairs, classes, lambda c: c, classes)
+    _matrix_figure(m, classes, title, "plots/confusion_matrix.png")
     mlflow.log_dict({"classes": classes, "matrix": m.tolist()}, "plots/confusion_matrix.json")
 
 
@@ -256,6 +296,61 @@ def input_example(model):
         Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, "JPEG")
         data = buf.getvalue()
     return pd.DataFrame({"image": [data], "name": ["example.jpg"]})
+
+
+def top_confused_pairs(pairs, classes: list[str], k: int = TOP_PAIRS) -> list[dict]:
+    off = sorted((p for p in pairs if p[0] != p[1]), key=lambda p: (-p[2], p[0], p[1]))[:k]
+    return [{"decided": classes[t], "predicted": classes[p], "photos": c} for t, p, c in off]
+
+
+def log_confused_pairs(pairs, classes: list[str], title: str) -> None:
+    """The most frequent mistakes (decided -> predicted) as a bar chart and JSON."""
+    top = top_confused_pairs(pairs, classes)
+    mlflow.log_dict({"top_confused_pairs": top}, "plots/confused_pairs.json")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 0.3 * max(len(top), 3) + 1.5))
+    labels = [f"{d['decided']} -> {d['predicted']}" for d in top][::-1]
+    ax.barh(range(len(top)), [d["photos"] for d in top][::-1])
+    ax.set_yticks(range(len(top)), labels, fontsize=8)
+    ax.set_xlabel("test photos")
+    ax.set_title(f"{title}: most confused pairs (decided -> predicted)" if top else f"{title}: no mistakes")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "plots/confused_pairs.png")
+    plt.close(fig)
+
+
+def log_chapter_confusion(pairs, classes: list[str], title: str) -> None:
+    """Chapter x chapter (at most 99 x 99, whatever the class count)."""
+    groups, m = _grouped(pairs, classes, lambda c: c[:2])
+    _matrix_figure(m, groups, f"{title}: chapters", "plots/confusion_chapters.png", "predicted chapter",
+                   "decided chapter")
+
+
+def log_heading_confusion(pairs, classes: list[str], title: str) -> None:
+    """Heading x heading over the MATRIX_MAX headings with the most test mistakes (as decided or predicted)."""
+    import collections
+
+    errors = collections.Counter()
+    for t, p, c in pairs:
+        if classes[t][:4] != classes[p][:4]:
+            errors[classes[t][:4]] += c
+            errors[classes[p][:4]] += c
+    keep = sorted(h for h, _ in errors.most_common(MATRIX_MAX)) or sorted({c[:4] for c in classes})[:MATRIX_MAX]
+    groups, m = _grouped(pairs, classes, lambda c: c[:4], keep)
+    _matrix_figure(m, groups, f"{title}: the {len(groups)} headings with most mistakes",
+                   "plots/confusion_headings.png", "predicted heading", "decided heading")
+
+
+def guarded(what: str, fn, *args, **kwargs) -> str | None:
+    """Run one optional logging step; on any failure (MemoryError included) print one line and return it, so a
+    plot or an artifact never loses a trained run."""
+    try:
+        fn(*args, **kwargs)
+        return None
+    except Exception as exc:  # noqa: BLE001 - whatever broke, the run and its model are already logged
+        line = f"warning: {what} not logged ({type(exc).__name__}: {str(exc)[:200]}); the run and its model are kept"
+        print(line, file=sys.stderr, flush=True)
+        return line
 
 
 def log_model(model, cfg: DictConfig) -> str:

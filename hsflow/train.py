@@ -28,7 +28,7 @@ def _import_training_stack() -> None:
     global mlflow, pl, torch, instantiate, ModelCheckpoint, MLFlowLogger, calibration, tracking, HSDataModule
     global Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id, FeatureCache, PhotoDataset, default_workers
     global extract, WeightsMissing, build_backbone, split_backbone, HSClassifier, build_head, HSModel, assemble
-    global evaluation, precedents, ConcatDataset, TensorDataset
+    global evaluation, precedents, metrics, ConcatDataset, TensorDataset, EpochTimer, StageClock
     import mlflow
     import pytorch_lightning as pl
     import torch
@@ -38,7 +38,8 @@ def _import_training_stack() -> None:
 
     from torch.utils.data import ConcatDataset, TensorDataset
 
-    from hsflow import calibration, evaluation, precedents, tracking
+    from hsflow import calibration, evaluation, metrics, precedents, tracking
+    from hsflow.timing import EpochTimer, StageClock
     from hsflow.data.datamodule import HSDataModule
     from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id
     from hsflow.features import FeatureCache, PhotoDataset, default_workers, extract
@@ -72,7 +73,7 @@ def make_module(cfg: DictConfig, net, num_classes: int, prefix, suffix=None) -> 
                         input_dim=1 if prefix is None and str(cfg.model.unfreeze) == "0" else 3)
 
 
-def prepare(cfg: DictConfig):
+def prepare(cfg: DictConfig, clock=None):
     """Dataset, split backbone, DataModule and LightningModule for a config (no MLflow yet)."""
     _import_training_stack()
     if cfg.features not in ("cached", "naive"):
@@ -81,7 +82,9 @@ def prepare(cfg: DictConfig):
     workers = default_workers(device) if cfg.num_workers is None else cfg.num_workers  # decided once, for every loader
     if not isinstance(workers, int) or workers < 0:
         raise ValueError(f"num_workers={cfg.num_workers!r}: give 0 or more decoding processes, or null for automatic")
+    clock = clock or StageClock()
     spec = build_dataset(cfg.dataset, cfg.paths.raw_store, cache_dir=cfg.paths.cache_dir)
+    clock.mark("dataset")
     if not spec.split("train") or not spec.split("test"):
         raise ValueError(f"dataset {spec.name}: empty train or test split ({spec_summary(spec)['photos']})")
     pre = preprocess_spec(cfg.model)
@@ -113,6 +116,7 @@ def prepare(cfg: DictConfig):
         val_plain = feats["val"][:, 0] if cfg.tta else feats["val"]
         dm.refit_train = ConcatDataset([dm.splits["train"]] + [TensorDataset(val_plain, labels["val"])] * weight)
         prefix = None
+        clock.mark("features")
     else:
         dm = HSDataModule({sp: PhotoDataset(spec.split(sp), preprocess, augmenter, pre["resize"],
                                             tta=bool(cfg.tta) and sp != "train") for sp in SPLITS},
@@ -178,14 +182,29 @@ def precedent_index(cfg: DictConfig, spec, net, pre, dm, full) -> tuple[preceden
     return index, sum(hits) / max(1, len(hits))
 
 
+def fit_threads(cfg: DictConfig, default: int) -> int:
+    """CPU threads for the fit. On cached features the head's matrices are small: a second thread synchronises
+    more than it computes, and on a busy 2-core machine spins idle (head epoch at 42 codes: 0.5 s with one thread,
+    4 s with two, measured beside other jobs). `fit_threads: null` means one thread there, torch's default else."""
+    if cfg.get("fit_threads"):
+        return int(cfg.fit_threads)
+    head_only = cfg.features == "cached" and str(cfg.model.unfreeze) == "0" and _device(cfg) == "cpu"
+    return 1 if head_only else default
+
+
+def labels_of(spec, split: str) -> torch.Tensor:
+    return torch.tensor([s.label for s in spec.split(split)], dtype=torch.long)
+
+
 def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     _import_training_stack()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    clock = StageClock()
     exp_id = tracking.experiment_id(cfg)
     # A resume without a checkpoint fails here, before minutes of dataset building and feature extraction.
     ckpt_path = resume_checkpoint(str(cfg.resume)) if cfg.get("resume") else None
-    spec, net, pre, dm, module = prepare(cfg)
+    spec, net, pre, dm, module = prepare(cfg, clock)
     prepared = time.perf_counter()
     summary = spec_summary(spec)
     log.info("dataset %s: %s", spec.name, summary)
@@ -203,10 +222,18 @@ def run(cfg: DictConfig) -> dict:
                               run_id=run_id)
         # Every epoch replaces the one checkpoint (last.ckpt links to it): a kill loses at most the epoch in flight.
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last="link", save_top_k=1, every_n_epochs=1)
-        trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[checkpoint])
+        epochs = EpochTimer()
+        trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[checkpoint, epochs])
         suffix_init = copy.deepcopy(module.suffix.state_dict())  # for the refit (trainable stages only)
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(fit_threads(cfg, threads))
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        finally:
+            torch.set_num_threads(threads)
         fitted = time.perf_counter()
+        clock.mark("fit", epochs=len(epochs.seconds), epoch_seconds=epochs.seconds,
+                   epoch_cpu_seconds=epochs.cpu_seconds, train_photos=len(dm.splits["train"]))
         # Read before testing: trainer.test() clears callback_metrics, and sweepers optimize this value.
         val = trainer.callback_metrics.get("curves/top1_val")
         val = float(val) if val is not None else float("nan")
@@ -223,25 +250,36 @@ def run(cfg: DictConfig) -> dict:
             mlflow.log_metrics({"val/ece_before": calibration.ece(torch.softmax(val_logits, 1), val_y),
                                 "val/ece_after": calibration.ece(probs, val_y), "val/temperature": t,
                                 "val/review_threshold": meta_cal["review_threshold"]})
+        clock.mark("calibrate")
         if cfg.refit.enabled:  # then the final model learns from the validation rulings too (choices stay as made)
-            module = refit(cfg, spec, net, dm, module.prefix, suffix_init)
+            torch.set_num_threads(fit_threads(cfg, threads))
+            try:
+                module = refit(cfg, spec, net, dm, module.prefix, suffix_init)
+            finally:
+                torch.set_num_threads(threads)
             mlflow.log_metric("refit_minutes", (time.perf_counter() - fitted) / 60)
+            clock.mark("refit")
 
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
-        test_logits = torch.cat(module.test_logits)
-        test_y = torch.tensor([s.label for s in spec.split("test")])
-        figures = evaluation.period_figures(test_logits, test_y, [s.rrdc_no for s in spec.split("test")],
-                                          spec.classes, meta_cal["temperature"], meta_cal["review_threshold"])
+        test_topk, test_y = module.test_metrics.gathered()
+        test_pred = test_topk[:, 0]
+        figures = evaluation.period_figures(torch.cat(module.test_logits), test_y,
+                                            [s.rrdc_no for s in spec.split("test")], spec.classes,
+                                            meta_cal["temperature"], meta_cal["review_threshold"])
+        # Accuracy by frequency band: classes grouped by their training photos (head / body / tail).
+        train_counts = torch.bincount(labels_of(spec, "train"), minlength=len(spec.classes)).tolist()
+        bands = cfg.get("frequency_bands") or {"head_from": 100, "tail_below": 10}
+        band = metrics.band_of(train_counts, int(bands["head_from"]), int(bands["tail_below"]))
+        figures |= {f"test/{k}": v for k, v in metrics.band_top1(test_topk, test_y, band).items()}
         test |= figures
         mlflow.log_metrics({k: v for k, v in figures.items() if k not in ("test/top1", "test/top3")}
                            | {"prepare_minutes": (prepared - started) / 60, "fit_minutes": (fitted - prepared) / 60})
         log.info("test (%s): top-1 %s, top-3 %s, unflagged %.2f of photos at precision %s", spec.protocol,
                  evaluation.interval_text(figures, "test/top1"), evaluation.interval_text(figures, "test/top3"),
                  figures["test/unflagged_coverage"], evaluation.interval_text(figures, "test/unflagged_precision"))
+        clock.mark("test")
 
-        tracking.log_curves(run_id)
-        tracking.log_confusion(module.confusion.compute().cpu().numpy(), spec.classes,
-                               f"{cfg.model.name} on {spec.name}: test top-1 {test['test/top1']:.3f}")
+        # The model first: what follows (plots, tables) may fail at some scale, and must not lose a trained run.
         if cfg.logger.log_model:
             full = assemble(net.prefix, module.suffix, module.head).cpu().eval()
             meta = {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze,
@@ -253,8 +291,25 @@ def run(cfg: DictConfig) -> dict:
             index, test["test/precedent_top1"] = precedent_index(cfg, spec, net, pre, dm, full)
             mlflow.log_metric("test/precedent_top1", test["test/precedent_top1"])
             tracking.log_model(HSModel(full, meta, index), cfg)
+        clock.mark("log_model")
+        pairs = metrics.confusion_pairs(test_pred, test_y)
+        title = f"{cfg.model.name} on {spec.name}: test top-1 {test['test/top1']:.3f}"
+        failed = [f for f in (tracking.guarded("plots/curves.png", tracking.log_curves, run_id),
+                              tracking.guarded("the confusion matrix", tracking.log_confusion, pairs, spec.classes,
+                                               title),
+                              tracking.guarded("plots/confused_pairs.png", tracking.log_confused_pairs, pairs,
+                                               spec.classes, title),
+                              tracking.guarded("plots/confusion_chapters.png", tracking.log_chapter_confusion,
+                                               pairs, spec.classes, title),
+                              tracking.guarded("plots/confusion_headings.png", tracking.log_heading_confusion,
+                                               pairs, spec.classes, title)) if f]
+        clock.mark("plots", failed=len(failed))
         mlflow.log_metric("total_minutes", (time.perf_counter() - started) / 60)
-        tracking.log_note(cfg, summary, {**{k: float(v) for k, v in test.items()}, "curves/top1_val": val})
+        tracking.guarded("timings.json", mlflow.log_dict, clock.as_dict(), "timings.json")
+        tracking.guarded("the run description", tracking.log_note, cfg, summary,
+                         {**{k: float(v) for k, v in test.items()}, "curves/top1_val": val})
+    if cfg.get("timings_file"):
+        clock.write(cfg.timings_file)
     return {"run_id": run_id, **{k.replace("/", "_"): float(v) for k, v in test.items()}, "val_top1": val}
 
 

@@ -49,6 +49,7 @@ class DatasetSpec:
     skipped: list[str] = field(default_factory=list)  # "path: reason" of photos left out
     removed: dict = field(default_factory=dict)  # photos removed per rule (undecodable, quality filter)
     near_duplicates: list[list[str]] = field(default_factory=list)  # clusters kept on one side of the split
+    codes: dict = field(default_factory=dict)  # code -> {"fate", "reason", ...} for every code not a class as is
     protocol: str = ""  # how the split was drawn (builder.protocol): reported beside every figure
 
     def split(self, name: str, *, originals_only: bool = False) -> list[Sample]:
@@ -91,18 +92,51 @@ def usable_photos(photos: list[Photo], verbose: bool = True) -> tuple[list[Photo
     return good, bad
 
 
-def select_classes(photos: list[Photo], cfg: DictConfig) -> dict[str, str]:
-    """code -> class label, following dataset.chapter / dataset.top_codes / dataset.other_code."""
+def select_classes(photos: list[Photo], cfg: DictConfig, fates: dict | None = None) -> dict[str, str]:
+    """code -> class label, following dataset.chapter / top_codes / other_code and the long-tail policy
+    (dataset.long_tail.min_rulings / rare); each code that is not its own class gets an entry in `fates`."""
+    fates = {} if fates is None else fates
     counts = collections.Counter(p.hs_code for p in photos
                                  if not cfg.get("chapter") or p.hs_code.startswith(str(cfg.chapter)))
     if not counts:
         raise ValueError(f"dataset {cfg.name}: no photos left after dataset.chapter={cfg.get('chapter')!r}")
+    rulings = collections.defaultdict(set)
+    for p in photos:
+        rulings[p.hs_code].add(p.rrdc_no)
+    lt = cfg.get("long_tail") or {}
+    min_rulings, rare = int(lt.get("min_rulings") or 1), str(lt.get("rare") or "other")
+    if rare not in ("other", "drop"):
+        raise ValueError(f"dataset.long_tail.rare={rare!r}: choose other (the chapter's catch-all code "
+                         "<chapter>99999999) or drop")
     ranked = sorted(counts, key=lambda c: (-counts[c], c))
     keep = ranked[: cfg.top_codes] if cfg.get("top_codes") else ranked
-    mapping = {c: c for c in keep}
+    mapping = {}
+    for c in keep:
+        n = len(rulings[c])
+        if n >= min_rulings:
+            mapping[c] = c
+        elif rare == "other":
+            mapping[c] = catch_all(c)
+            fates[c] = {**fates.get(c, {}), "fate": "catch_all", "reason": f"{n} ruling(s) < long_tail.min_rulings {min_rulings}: "
+                        f"relabelled {mapping[c]}", "photos": counts[c]}
+        else:
+            fates[c] = {**fates.get(c, {}), "fate": "dropped", "reason": f"{n} ruling(s) < long_tail.min_rulings {min_rulings}",
+                        "photos": counts[c]}
     if cfg.get("other_code"):
-        mapping.update({c: str(cfg.other_code) for c in ranked if c not in mapping})
+        for c in ranked:
+            if c not in keep:
+                mapping[c] = str(cfg.other_code)
+                fates[c] = {"fate": "catch_all", "reason": f"not among the top {cfg.top_codes} codes: relabelled "
+                            f"{cfg.other_code}", "photos": counts[c]}
+    elif cfg.get("top_codes"):
+        fates.update({c: {"fate": "dropped", "reason": f"not among the top {cfg.top_codes} codes",
+                          "photos": counts[c]} for c in ranked if c not in keep})
     return mapping
+
+
+def catch_all(code: str) -> str:
+    """The chapter's catch-all class (as the study's 8799999999): every code of the chapter too rare to learn."""
+    return f"{code[:2]}99999999"
 
 
 def split_by_ruling(groups: dict[str, list[Photo]], fractions: dict[str, float], seed: int,
@@ -149,7 +183,8 @@ def _date_cuts(cfg: DictConfig) -> list[str]:
 
 
 def _groups(photos: list[Photo], clusters: list[list[str]]) -> dict[str, list[Photo]]:
-    """Split units: rulings, merged when a near-duplicate cluster links them, so neither straddles the line."""
+    """Split units: rulings, merged when a near-duplicate cluster links them, so neither straddles the line.
+    `clusters` need only be those touching `photos` (the builder passes each class its own)."""
     parent: dict[str, str] = {p.rrdc_no: p.rrdc_no for p in photos}
 
     def find(a):
@@ -217,12 +252,16 @@ def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | P
         raise ValueError(f"dataset.split.by={by!r}: choose ruling (random by ruling, seeded) or date (cut dates)")
     cuts = _date_cuts(cfg) if by == "date" else None
     photos = selected_photos(cfg, store)
+    all_codes = collections.Counter(p.hs_code for p in photos)
     if cuts:  # checked before any photo is decoded: a period with no ruling is a config error, not a result
         check_periods(photos, cuts, cfg)
     photos, skipped = usable_photos(photos, verbose)
-    photos, removed, clusters = quality.apply(photos, cfg.get("quality"), cache_dir, verbose)
+    after_decode = collections.Counter(p.hs_code for p in photos)
+    conflict_cost: collections.Counter = collections.Counter()
+    photos, removed, clusters = quality.apply(photos, cfg.get("quality"), cache_dir, verbose, conflict_cost)
     removed = {"undecodable": len(skipped), **removed}
-    mapping = select_classes(photos, cfg)
+    fates = _quality_fates(all_codes, after_decode, collections.Counter(p.hs_code for p in photos), conflict_cost)
+    mapping = select_classes(photos, cfg, fates)
     classes = sorted(set(mapping.values()))
     index = {c: i for i, c in enumerate(classes)}
     fractions = {s: float(cfg.split[s]) for s in SPLITS}
@@ -237,12 +276,31 @@ def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | P
     for p in photos:
         if p.hs_code in mapping:
             by_class[mapping[p.hs_code]].append(p)
+    class_of_file = {p.file: mapping.get(p.hs_code) for p in photos}
+    clusters_of: dict[str, list[list[str]]] = collections.defaultdict(list)  # each cluster lies in one code
+    for cluster in clusters:
+        clusters_of[class_of_file.get(cluster[0])].append(cluster)
+    singletons = str((cfg.get("long_tail") or {}).get("singletons") or "train")
+    if singletons not in ("train", "drop"):
+        raise ValueError(f"dataset.long_tail.singletons={singletons!r}: choose train (a code with one split unit "
+                         "trains, never evaluated) or drop")
 
     samples: list[Sample] = []
     for label in classes:
-        groups = _groups(by_class[label], clusters)
-        assignment = (split_by_date(groups, cuts) if cuts
-                      else split_by_ruling(groups, fractions, int(cfg.split.seed), label))
+        groups = _groups(by_class[label], clusters_of[label])
+        if cuts:
+            assignment = split_by_date(groups, cuts)
+        elif len(groups) == 1:  # one ruling (or one near-duplicate unit): it cannot be both learned and tested
+            unit = next(iter(groups))
+            assignment = {unit: "train" if singletons == "train" else "dropped"}
+            fates[label] = {"fate": "train_only" if singletons == "train" else "dropped",
+                            "reason": f"singleton: one split unit ({len(groups[unit])} photos); "
+                                      f"long_tail.singletons={singletons}", "photos": len(groups[unit])}
+        else:
+            assignment = split_by_ruling(groups, fractions, int(cfg.split.seed), label)
+        if cuts and len(groups) == 1 and all(v == "train" for v in assignment.values()):
+            fates[label] = {"fate": "train_only", "reason": "singleton: its one split unit is dated before "
+                            f"{cuts[0]}: trains, never evaluated", "photos": len(next(iter(groups.values())))}
         rng = random.Random(f"{cfg.split.seed}:{label}:cap")
         for split in SPLITS:
             chosen = sorted((p for g, ps in groups.items() if assignment[g] == split for p in ps),
@@ -260,10 +318,62 @@ def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | P
                 if not fill.get("test"):
                     raise ValueError("dataset.test_fill_with_generated=true needs dataset.fill.test (per-class size)")
                 samples.extend(_fill(originals, fill.test))
-    spec = DatasetSpec(str(cfg.name), classes, samples, skipped, removed, clusters, protocol=protocol(cfg))
-    if cuts:
-        spec = _drop_untrained_classes(spec)
+    spec = DatasetSpec(str(cfg.name), classes, samples, skipped, removed, clusters, protocol=protocol(cfg),
+                       codes=fates)
+    spec = _drop_untrained_classes(spec, cuts)
+    if verbose:
+        report_codes(spec, len(all_codes))
     return spec
+
+
+def _quality_fates(store_codes, decodable, kept, conflict_cost) -> dict:
+    """Codes the decode check and the quality rules cost: lost entirely (dropped, with the rule) or in part."""
+    fates = {}
+    for code, n in sorted(store_codes.items()):
+        if not decodable.get(code):
+            fates[code] = {"fate": "dropped", "reason": f"all {n} photos undecodable", "photos": 0}
+        elif not kept.get(code):
+            rule = ("near-duplicate conflicts (look-alikes under another code)" if conflict_cost.get(code)
+                    else "the quality rules (size, blur, near-duplicates)")
+            fates[code] = {"fate": "dropped", "reason": f"all {decodable[code]} photos removed by {rule}",
+                           "photos": 0}
+    for code, n in conflict_cost.items():
+        fates.setdefault(code, {"fate": "kept", "reason": "", "photos": kept.get(code, 0)})
+        fates[code]["near_duplicate_conflict_photos"] = n
+    return fates
+
+
+NAMED = 40  # codes named per line in the summary; all of them are in the run's dataset/codes.json
+
+
+def _names(codes: list[str]) -> str:
+    more = f" ... and {len(codes) - NAMED} more (dataset/codes.json)" if len(codes) > NAMED else ""
+    return ", ".join(codes[:NAMED]) + more
+
+
+def report_codes(spec: DatasetSpec, store_codes: int) -> None:
+    """What happened to codes that are not plain classes, one line per fate and reason, naming the codes."""
+    by = collections.defaultdict(list)
+    for code, f in sorted(spec.codes.items()):
+        if f["fate"] != "kept":
+            by[f["fate"], _reason_kind(f["reason"])].append(code)
+    print(f"dataset {spec.name}: {store_codes} codes in the store -> {len(spec.classes)} classes", file=sys.stderr)
+    for (fate, why), codes in sorted(by.items()):
+        print(f"  {fate} ({why}): {len(codes)} codes: {_names(codes)}", file=sys.stderr)
+    cost = {c: f["near_duplicate_conflict_photos"] for c, f in spec.codes.items()
+            if f.get("near_duplicate_conflict_photos")}
+    if cost:
+        ranked = sorted(cost, key=lambda c: (-cost[c], c))
+        print(f"  near-duplicate conflicts removed {sum(cost.values())} photos of {len(cost)} codes: "
+              f"{_names([f'{c} ({cost[c]})' for c in ranked])}", file=sys.stderr)
+
+
+def _reason_kind(reason: str) -> str:
+    kinds = {"undecodable": "undecodable", "near-duplicate conflicts": "near-duplicate conflicts",
+             "quality rules": "quality rules", "min_rulings": "fewer rulings than long_tail.min_rulings",
+             "top ": "not among the top codes", "singleton": "singleton", "no ruling before": "no ruling before the "
+             "first cut", "no training photo": "no training photo"}
+    return next((v for k, v in kinds.items() if k in reason), reason)
 
 
 def protocol(cfg: DictConfig) -> str:
@@ -291,20 +401,27 @@ def check_periods(photos: list[Photo], cuts: list[str], cfg: DictConfig) -> None
                          f"(rulings dated {dates[0]} .. {dates[-1]}); move dataset.split.cuts inside that range")
 
 
-def _drop_untrained_classes(spec: DatasetSpec) -> DatasetSpec:
-    """With a dated split a code may first appear after the training period: it cannot be learned, so it is not a
-    class (its later photos are left out, counted under removed['no_training_photos'])."""
+def _drop_untrained_classes(spec: DatasetSpec, cuts: list[str] | None) -> DatasetSpec:
+    """A class without a training photo cannot be learned: with a dated split its first ruling came after the
+    training period, with `long_tail.singletons=drop` its only unit was dropped. It is not a class; its photos are
+    left out, counted under removed['no_training_photos'] and named in spec.codes."""
     trained = sorted({s.label for s in spec.samples if s.split == "train"})
     if len(trained) == len(spec.classes):
         return spec
     new = {old: i for i, old in enumerate(trained)}
-    lost = [s for s in spec.samples if s.label not in new]
-    for code in sorted({spec.classes[s.label] for s in lost}):
-        print(f"warning: dataset {spec.name}: code {code} has no ruling before the first cut; not a class "
-              f"({sum(spec.classes[s.label] == code for s in lost)} later photos left out)", file=sys.stderr)
+    lost = collections.Counter(spec.classes[s.label] for s in spec.samples if s.label not in new)
+    codes = dict(spec.codes)
+    for i, code in enumerate(spec.classes):
+        if i in new:
+            continue
+        if code in codes and codes[code]["fate"] == "dropped":
+            continue  # a singleton dropped by policy: already named
+        codes[code] = {**codes.get(code, {}), "fate": "dropped", "photos": lost[code],
+                       "reason": f"no ruling before {cuts[0]}: cannot be learned ({lost[code]} later photos)"
+                       if cuts else "no training photo"}
     return replace(spec, classes=[spec.classes[i] for i in trained],
                    samples=[replace(s, label=new[s.label]) for s in spec.samples if s.label in new],
-                   removed={**spec.removed, "no_training_photos": len(lost)})
+                   removed={**spec.removed, "no_training_photos": sum(lost.values())}, codes=codes)
 
 
 def spec_summary(spec: DatasetSpec) -> dict:
@@ -313,7 +430,8 @@ def spec_summary(spec: DatasetSpec) -> dict:
             "photos": {sp: len(spec.split(sp, originals_only=True)) for sp in SPLITS},
             "generated": {sp: len(spec.split(sp)) - len(spec.split(sp, originals_only=True)) for sp in SPLITS},
             "skipped_photos": len(spec.skipped), "removed": spec.removed,
-            "near_duplicate_clusters": len(spec.near_duplicates)}
+            "near_duplicate_clusters": len(spec.near_duplicates),
+            "codes": dict(collections.Counter(f["fate"] for f in spec.codes.values() if f["fate"] != "kept"))}
 
 
 __all__ = ["Sample", "DatasetSpec", "build_dataset", "spec_summary", "asdict"]

@@ -80,21 +80,40 @@ def near_duplicate_clusters(photos: list[Photo], stats: dict[str, dict], max_dis
             a = parent[a]
         return a
 
-    for a in range(len(idx) - 1):  # one row of the distance matrix at a time: O(n) memory
-        dist = np.bitwise_count(hashes[a + 1:] ^ hashes[a])
-        for b in np.nonzero(dist <= max_distance)[0] + a + 1:
+    def union(a, bs):
+        for b in bs:
             ra, rb = find(a), find(int(b))
             if ra != rb:
                 parent[rb] = ra
+
+    # Pigeonhole index: two hashes within max_distance bits agree exactly on at least one of max_distance + 1
+    # bands of bits, so only photos sharing a band value are compared (~n log n for varied photos, not n^2).
+    bands = max_distance + 1
+    width = 64 // bands
+    if width < 4:  # bands too thin to narrow anything: one row of the distance matrix at a time, O(n) memory
+        for a in range(len(idx) - 1):
+            union(a, np.nonzero(np.bitwise_count(hashes[a + 1:] ^ hashes[a]) <= max_distance)[0] + a + 1)
+    for band in range(bands if width >= 4 else 0):
+        lo = band * width
+        bits = 64 - lo if band == bands - 1 else width
+        key = (hashes >> np.uint64(lo)) & np.uint64((1 << bits) - 1)
+        order = np.argsort(key, kind="stable")
+        cuts = np.nonzero(np.diff(key[order]))[0] + 1
+        for bucket in np.split(order, cuts):
+            for j in range(len(bucket) - 1):
+                a, rest = bucket[j], bucket[j + 1:]
+                union(int(a), rest[np.bitwise_count(hashes[rest] ^ hashes[a]) <= max_distance])
     groups = collections.defaultdict(list)
     for k, i in enumerate(idx):
         groups[find(k)].append(i)
     return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
 
 
-def apply(photos: list[Photo], rules, cache_dir, verbose: bool = True) -> tuple[list[Photo], dict, list[list[str]]]:
+def apply(photos: list[Photo], rules, cache_dir, verbose: bool = True,
+          conflict_cost: collections.Counter | None = None) -> tuple[list[Photo], dict, list[list[str]]]:
     """Filter `photos` by the rules; returns (kept photos, removed count per rule, near-duplicate clusters of the
-    kept photos as lists of file names)."""
+    kept photos as lists of file names). `conflict_cost`, when given, counts per code the photos that
+    near-duplicate conflicts removed (the builder names the codes they cost)."""
     rules = rules or {}
     min_side = int(rules.get("min_side") or 0)
     min_sharp = float(rules.get("min_sharpness") or 0)
@@ -125,6 +144,8 @@ def apply(photos: list[Photo], rules, cache_dir, verbose: bool = True) -> tuple[
         codes = collections.Counter(kept[i].hs_code for i in group)
         major = max(codes, key=lambda c: (codes[c], c))
         conflict = [i for i in group if kept[i].hs_code != major]
+        if conflict_cost is not None:
+            conflict_cost.update(kept[i].hs_code for i in conflict)
         removed["near_duplicate_conflict"] += len(conflict)
         drop.update(conflict)
         group = [i for i in group if kept[i].hs_code == major]

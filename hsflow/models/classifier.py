@@ -1,4 +1,5 @@
-"""The LightningModule: trainable backbone suffix + a new classification head, with torchmetrics.
+"""The LightningModule: trainable backbone suffix + a new classification head, with metrics that stay
+linear in photos and classes (hsflow.metrics).
 
 Inputs are what the DataModule yields: cached prefix outputs (the fast path) or, when `prefix` is set, images
 (the naive path the study used: every epoch pays the full backbone forward). Both give the same function.
@@ -9,8 +10,9 @@ from functools import partial
 
 import pytorch_lightning as pl
 import torch
-import torchmetrics
 from torch import nn
+
+from hsflow.metrics import TopK
 
 
 VAL_TOP1 = "curves/top1_val"  # what model choice and sweepers go by
@@ -24,14 +26,10 @@ def build_head(dim: int, num_classes: int, hidden: int, dropout: float) -> nn.Mo
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
 
 
-def _metrics(num_classes: int, prefix: str, postfix: str | None = None) -> torchmetrics.MetricCollection:
-    k = min(3, num_classes)
-    return torchmetrics.MetricCollection({
-        "top1": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1),
-        "top3": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=k),
-        "macro_f1": torchmetrics.F1Score(task="multiclass", num_classes=num_classes, average="macro"),
-    }, prefix=prefix, postfix=postfix, compute_groups=False)  # grouping would merge top-1 and top-3 when their
-    # first-batch states happen to coincide, and from then on report top-1 as top-3
+def _metrics(num_classes: int, prefix: str, postfix: str = "") -> TopK:
+    """top1, top3, macro_top1, macro_top3, macro_f1 from each photo's top-3 (hsflow.metrics: linear in photos and
+    classes; torchmetrics' stat scores need a batch x classes^2 tensor per step in deterministic mode)."""
+    return TopK(num_classes, 3, prefix, postfix)
 
 
 class HSClassifier(pl.LightningModule):
@@ -49,7 +47,6 @@ class HSClassifier(pl.LightningModule):
         self.train_metrics = _metrics(num_classes, "curves/", "_train")
         self.val_metrics = _metrics(num_classes, "curves/", "_val")
         self.test_metrics = _metrics(num_classes, "test/")
-        self.confusion = torchmetrics.ConfusionMatrix(task="multiclass", num_classes=num_classes)
         self.test_logits: list[torch.Tensor] = []
         self.input_dim = input_dim  # dims of one input without batch: 1 pooled vector, 3 feature map/image
 
@@ -95,14 +92,17 @@ class HSClassifier(pl.LightningModule):
         self.log_dict(values)
         self.val_metrics.reset()
 
+    def on_test_epoch_start(self):
+        self.test_metrics.reset()
+        self.test_logits = []
+
     def test_step(self, batch, _):
         _, logits = self._step(batch, self.test_metrics, "test")
-        self.confusion.update(logits, batch[1])
-        self.test_logits.append(logits.detach().cpu())
+        self.test_logits.append(logits.detach().float().cpu())
 
     def on_test_epoch_end(self):
+        # Not reset: train.py reads the test photos' top-k (test_metrics.states()) for bands, hierarchy, confusion.
         self.log_dict(self.test_metrics.compute())
-        self.test_metrics.reset()
 
     def configure_optimizers(self):
         # A lower learning rate for unfrozen backbone stages than for the new head (fine-tuning convention).
