@@ -2,7 +2,9 @@
 
 For each photo: the k most probable codes with their calibrated probability and the official descriptions of
 subheading, heading and chapter, the probabilities rolled up to chapters and headings, and `needs_review` when the
-top probability is under the model's review threshold (chosen on validation for a target precision). Photos are
+top probability is under the model's review threshold (chosen on validation for a target precision), and
+`unknown` when the photo lies farther from every training photo than validation photos do (hsflow.unknown): then it
+always needs review and its codes are only the nearest trained ones. Photos are
 decoded and preprocessed exactly as training did (`open_rgb` with JPEG draft decoding at the resize size, then
 the model's preprocessing), so top-1 on a test split equals the test top-1 the training run logged.
 
@@ -35,6 +37,7 @@ from hsflow.features import default_workers  # noqa: E402
 from hsflow.images import PhotoError, open_rgb  # noqa: E402
 from hsflow.models.package import HSModel  # noqa: E402
 
+UNKNOWN_MARK = "[UNKNOWN: not like any trained product]"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PROGRESS_MIN = 100  # photos; fewer finish before a bar is worth drawing
 
@@ -48,11 +51,14 @@ class Recommendation:
     error: str | None = None        # one line '<path>: <reason>' when the photo could not be used
     images: list[str] | None = None  # group_by="folder": the photos whose probabilities were combined
     totals: dict = field(default_factory=dict, repr=False)  # the rollup over every chapter and heading (table)
+    unknown: bool = False           # unlike every trained product (hsflow.unknown); then needs_review too
+    unknown_score: float | None = None  # None: no photo scored (an error, or a model without a scorer)
+    unknown_threshold: float | None = field(default=None, repr=False)  # the model's, for the table
 
     def to_dict(self) -> dict:
         where = {"image": self.image} if self.images is None else {"folder": self.image, "images": self.images}
         return {**where, "candidates": self.candidates, "rollup": self.rollup, "needs_review": self.needs_review,
-                "error": self.error}
+                "unknown": self.unknown, "unknown_score": self.unknown_score, "error": self.error}
 
 
 # --- model -------------------------------------------------------------------------------------------------------
@@ -155,9 +161,10 @@ def _collate(items):
 
 
 def predict(model: HSModel, files: list[Path], *, batch_size: int = 32, num_workers: int | None = None,
-            device: str | None = None, progress: bool | None = None) -> Iterator[tuple[Path, torch.Tensor | None,
-                                                                                      str | None]]:
-    """(file, calibrated probabilities or None, error or None) per file, in order, streamed batch by batch."""
+            device: str | None = None, progress: bool | None = None
+            ) -> Iterator[tuple[Path, torch.Tensor | None, str | None, float | None]]:
+    """(file, calibrated probabilities or None, error or None, unknown score or None) per file, in order,
+    streamed batch by batch."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = model.net.to(device).eval().to(memory_format=torch.channels_last)  # as features.extract does
     batches = math.ceil(len(files) / batch_size)
@@ -168,10 +175,11 @@ def predict(model: HSModel, files: list[Path], *, batch_size: int = 32, num_work
     disable = (len(files) < PROGRESS_MIN or None) if progress is None else not progress  # None: only on a TTY
     with tqdm(total=len(files), desc="recommend", unit="photo", disable=disable, file=sys.stderr) as bar:
         for idx, x, errors in loader:
-            out: dict[int, tuple] = {i: (None, e) for i, e in errors}
+            out: dict[int, tuple] = {i: (None, e, None) for i, e in errors}
             if x is not None:
-                probs = model.probabilities(x.to(device, non_blocking=True)).float().cpu()
-                out.update({i: (p, None) for i, p in zip(idx, probs)})
+                probs, scores = model.outputs(x.to(device, non_blocking=True))
+                scores = [None] * len(idx) if scores is None else scores.cpu().tolist()
+                out.update({i: (p, None, u) for i, p, u in zip(idx, probs.float().cpu(), scores)})
             for i in sorted(out):
                 yield files[i], *out[i]
             bar.update(len(out))
@@ -194,12 +202,22 @@ def full_rollup(probs: torch.Tensor, classes: list[str]) -> dict:
     return {"chapters": hs.chapters(by_code), "headings": hs.headings(by_code)}
 
 
-def _recommendation(image: str, probs: torch.Tensor, model: HSModel, top_k: int, images=None) -> Recommendation:
+def is_unknown(model: HSModel, unknown_score: float | None) -> bool:
+    """The unknown decision every door takes (CLI, Python, the MLflow model): the model's own scorer and threshold."""
+    return model.unknown is not None and unknown_score is not None and bool(
+        model.unknown.decide(torch.tensor(unknown_score)))
+
+
+def _recommendation(image: str, probs: torch.Tensor, model: HSModel, top_k: int, images=None,
+                    unknown_score: float | None = None) -> Recommendation:
     roll = full_rollup(probs, model.classes)
     top = {level: dict(list(sums.items())[:top_k]) for level, sums in roll.items()}
     threshold = float(model.meta.get("review_threshold", 0.0))
-    return Recommendation(image, candidates(probs, model.classes, top_k), top, float(probs.max()) < threshold,
-                          images=images, totals=roll)
+    unknown = is_unknown(model, unknown_score)
+    cands = [{**c, "nearest_only": unknown} for c in candidates(probs, model.classes, top_k)]
+    return Recommendation(image, cands, top, float(probs.max()) < threshold or unknown, images=images, totals=roll,
+                          unknown=unknown, unknown_score=unknown_score,
+                          unknown_threshold=model.unknown.threshold if model.unknown else None)
 
 
 def _failed(image: str, error: str, images=None) -> Recommendation:
@@ -212,7 +230,8 @@ def recommend(model: HSModel | str, paths: Iterable[str | Path], top_k: int = 5,
     """Recommendations for photo files and folders (recursively), one per photo in input order.
 
     `group_by="folder"`: one per folder, from the mean of its photos' probabilities (each photo counts equally;
-    the mean of calibrated probabilities stays a distribution), after one failed-photo record per unreadable photo.
+    the mean of calibrated probabilities stays a distribution) and the mean of their unknown scores against the same
+    threshold, after one failed-photo record per unreadable photo.
     `model` is an HSModel or a URI for `load`; its network moves to `device` (default: CUDA when available).
     """
     return list(iter_recommend(model, paths, top_k, group_by=group_by, batch_size=batch_size,
@@ -232,28 +251,33 @@ def iter_recommend(model: HSModel | str, paths: Iterable[str | Path], top_k: int
     stream = predict(model, files, batch_size=batch_size, num_workers=num_workers, device=device,
                      progress=progress)
     if group_by == "none":
-        for f, probs, error in stream:
-            yield _failed(str(f), error) if probs is None else _recommendation(str(f), probs, model, top_k)
+        for f, probs, error, score in stream:
+            yield _failed(str(f), error) if probs is None else _recommendation(str(f), probs, model, top_k,
+                                                                              unknown_score=score)
         return
-    groups: dict[Path, list[tuple[Path, torch.Tensor]]] = {}
-    for f, probs, error in stream:
+    groups: dict[Path, list[tuple[Path, torch.Tensor, float | None]]] = {}
+    for f, probs, error, score in stream:
         group = groups.setdefault(f.parent, [])
         if probs is None:
             yield _failed(str(f), error)
         else:
-            group.append((f, probs))
+            group.append((f, probs, score))
     for folder, members in groups.items():
         if not members:
             yield _failed(str(folder), f"{folder}: no usable photo in this folder", images=[])
             continue
-        mean = torch.stack([p for _, p in members]).mean(0)
-        yield _recommendation(str(folder), mean, model, top_k, images=[str(f) for f, _ in members])
+        mean = torch.stack([p for _, p, _ in members]).mean(0)
+        scores = [s for _, _, s in members if s is not None]
+        yield _recommendation(str(folder), mean, model, top_k, images=[str(f) for f, _, _ in members],
+                              unknown_score=sum(scores) / len(scores) if scores else None)
 
 
 # --- output ------------------------------------------------------------------------------------------------------
 
 def to_json(rec: Recommendation) -> str:
     d = rec.to_dict()
+    if d["unknown_score"] is not None:
+        d["unknown_score"] = round(d["unknown_score"], 6)
     for c in d["candidates"]:
         c["probability"] = round(c["probability"], 6)
     d["rollup"] = {level: {k: round(v, 6) for k, v in sums.items()} for level, sums in d["rollup"].items()}
@@ -270,7 +294,10 @@ def to_table(rec: Recommendation) -> str:
     rolled-up probability; the top code's heading and chapter described below."""
     sums = rec.totals or rec.rollup
     title = rec.image + (f"  ({len(rec.images)} photos, mean probabilities)" if rec.images is not None else "")
-    lines = [title + ("  [NEEDS REVIEW]" if rec.needs_review else "")]
+    lines = [title + (f"  {UNKNOWN_MARK}" if rec.unknown else "") + ("  [NEEDS REVIEW]" if rec.needs_review else "")]
+    if rec.unknown:
+        lines.append(f"      unknown score {rec.unknown_score:.3f} > {rec.unknown_threshold:.3f}: the codes below are only "
+                     "the nearest trained ones, not a suggestion")
     for n, c in enumerate(rec.candidates, 1):
         code = c["hs_code"]
         beside = f"chapter {code[:2]}: {sums['chapters'].get(code[:2], 0.0):.2f}"

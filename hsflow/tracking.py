@@ -160,9 +160,9 @@ def log_model(model, cfg: DictConfig) -> str:
     from hsflow.models import pyfunc
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights, meta = model.save(Path(tmp))
+        files = model.save(Path(tmp))  # weights.pt, meta.json and, with an unknown scorer, unknown.pt
         mlflow.pyfunc.log_model(name="model", python_model=pyfunc.__file__,
-                                artifacts={"weights": str(weights), "meta": str(meta)},
+                                artifacts={f.stem: str(f) for f in files},
                                 pip_requirements=PIP_REQUIREMENTS,
                                 registered_model_name=cfg.logger.get("registered_model_name") or None)
     return f"runs:/{mlflow.active_run().info.run_id}/model"

@@ -22,7 +22,7 @@ from omegaconf import DictConfig  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import MLFlowLogger  # noqa: E402
 
-from hsflow import calibration, tracking  # noqa: E402
+from hsflow import calibration, tracking, unknown  # noqa: E402
 from hsflow.config import CONF_DIR  # noqa: E402
 from hsflow.data.builder import SPLITS, build_dataset, spec_summary  # noqa: E402
 from hsflow.data.datamodule import HSDataModule  # noqa: E402
@@ -179,6 +179,14 @@ def run(cfg: DictConfig) -> dict:
                                 "val_ece_after": calibration.ece(probs, val_y), "temperature": t,
                                 "review_threshold": meta_cal["review_threshold"]})
 
+        # The unknown score: training embeddings as the bank, its threshold fitted on validation (hsflow.unknown).
+        scorer = None
+        if cfg.unknown.enabled:
+            scorer, rates, heldout = unknown.fit_run(cfg, module, dm, spec, net, pre, _device(cfg))
+            mlflow.log_metrics(rates)
+            if heldout:
+                mlflow.log_dict(heldout, "unknown/heldout_codes.json")
+
         tracking.log_curves(run_id)
         tracking.log_confusion(module.confusion.compute().cpu().numpy(), spec.classes,
                                f"{cfg.model.name} on {spec.name}: test top-1 {test['test_top1']:.3f}")
@@ -189,7 +197,7 @@ def run(cfg: DictConfig) -> dict:
                     "classes": spec.classes, "preprocess": pre, "tta": bool(cfg.tta), **meta_cal,
                     "run_id": run_id, "dataset": spec.name, "dataset_fingerprint": summary["fingerprint"],
                     "test_top1": float(test["test_top1"])}
-            tracking.log_model(HSModel(full, meta), cfg)
+            tracking.log_model(HSModel(full, meta, scorer), cfg)
         mlflow.log_metric("total_minutes", (time.perf_counter() - started) / 60)
     return {"run_id": run_id, **{k: float(v) for k, v in test.items()}, "val_top1": val}
 

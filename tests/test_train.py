@@ -52,8 +52,11 @@ def test_logged_model_loads_back_and_predicts(tiny_run, monkeypatch):
     import pandas as pd
 
     df = mlflow.pyfunc.load_model(f"runs:/{tiny_run['run_id']}/model").predict(pd.DataFrame({"path": [str(photo)]}))
-    assert list(df.columns) == model.classes and torch.allclose(torch.tensor(df.values, dtype=torch.float32),
-                                                                 probs, atol=1e-5)
+    # Probabilities per code, then the unknown decision (the pyfunc decodes as hsflow.recommend does: JPEG draft).
+    assert list(df.columns) == [*model.classes, "unknown", "unknown_score"]
+    x = model.preprocess()(open_rgb(photo, draft_size=model.meta["preprocess"]["resize"])).unsqueeze(0)
+    assert torch.allclose(torch.tensor(df[model.classes].values, dtype=torch.float32), model.probabilities(x),
+                          atol=1e-5)
 
 
 def test_corrupt_photo_is_skipped_with_a_warning_at_build_time(tiny_store, tmp_path, capsys):

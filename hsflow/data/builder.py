@@ -17,6 +17,7 @@ import collections
 import hashlib
 import json
 import random
+import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -198,7 +199,9 @@ def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | P
     if by not in ("ruling", "date"):
         raise ValueError(f"dataset.split.by={by!r}: choose ruling (random by ruling, seeded) or date (cut dates)")
     cuts = _date_cuts(cfg) if by == "date" else None
-    photos = [p for p in store.photos() if not chapter or p.hs_code.startswith(chapter)]
+    excluded = excluded_codes(cfg)
+    photos = [p for p in store.photos() if (not chapter or p.hs_code.startswith(chapter))
+              and p.hs_code not in excluded]
     if cuts:  # checked before any photo is decoded: a period with no ruling is a config error, not a result
         check_periods(photos, cuts, cfg)
     photos, skipped = usable_photos(photos, verbose)
@@ -246,6 +249,17 @@ def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | P
     if cuts:
         spec = _drop_untrained_classes(spec)
     return spec
+
+
+def excluded_codes(cfg: DictConfig) -> set[str]:
+    """dataset.exclude_codes: codes held out entirely (no photo in any split), e.g. to measure how a model meets
+    codes it has never seen (hsflow.unknown's leave-codes-out evaluation)."""
+    codes = [str(c) for c in (cfg.get("exclude_codes") or [])]
+    bad = [c for c in codes if not re.fullmatch(r"\d{10}", c)]
+    if bad:
+        raise ValueError(f"dataset.exclude_codes: {bad[0]!r} is not a 10-digit HS code (e.g. "
+                         "'dataset.exclude_codes=[\"0810500000\"]')")
+    return set(codes)
 
 
 def protocol(cfg: DictConfig) -> str:

@@ -1,5 +1,6 @@
 """The exported model: the whole network (frozen prefix + trained suffix + head) with its classes,
-preprocessing and calibration, saved as plain files (weights.pt + meta.json) inside an MLflow model.
+preprocessing, calibration and unknown score, saved as plain files (weights.pt + meta.json + unknown.pt) inside an
+MLflow model.
 
 Loading never unpickles arbitrary objects: meta is JSON and the weights load with `torch.load(weights_only=True)`
 into a network rebuilt from the backbone registry (no download: the weights file holds every parameter).
@@ -16,6 +17,7 @@ from torch import nn
 from hsflow.data.transforms import build_preprocess, spec_id
 from hsflow.models.backbones import build_backbone, split_backbone
 from hsflow.models.classifier import build_head
+from hsflow.unknown import UnknownScorer
 
 WEIGHTS, META = "weights.pt", "meta.json"
 
@@ -35,6 +37,7 @@ def build_network(meta: dict) -> nn.Sequential:
 class HSModel:
     net: nn.Sequential
     meta: dict  # backbone, unfreeze, head, classes, preprocess, temperature, review_threshold, run facts
+    unknown: UnknownScorer | None = None  # training embeddings + threshold (meta["unknown"]); None: never unknown
 
     @property
     def classes(self) -> list[str]:
@@ -50,8 +53,13 @@ class HSModel:
     def save(self, folder: Path) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(self.net.state_dict(), folder / WEIGHTS)
-        (folder / META).write_text(json.dumps(self.meta, indent=1, ensure_ascii=False))
-        return [folder / WEIGHTS, folder / META]
+        meta = {k: v for k, v in self.meta.items() if k != "unknown"}
+        files = [folder / WEIGHTS, folder / META]
+        if self.unknown is not None:
+            meta["unknown"] = self.unknown.meta()
+            files.append(self.unknown.save(folder))
+        (folder / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        return files
 
     @classmethod
     def load(cls, folder: Path) -> "HSModel":
@@ -63,18 +71,32 @@ class HSModel:
         meta = json.loads(metas[0].read_text())
         net = build_network(meta)
         net.load_state_dict(torch.load(metas[0].parent / WEIGHTS, map_location="cpu", weights_only=True))
-        return cls(net.eval(), meta)
+        unknown = UnknownScorer.load(metas[0].parent, meta["unknown"]) if meta.get("unknown") else None
+        return cls(net.eval(), meta, unknown)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     @torch.inference_mode()
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate output: the backbone's pooled features (frozen prefix, then the trained suffix)."""
+        return self.net[1](self.net[0](x))
+
+    @torch.inference_mode()
+    def outputs(self, x: torch.Tensor, tta: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Calibrated probabilities and unknown scores (None without a scorer) from one forward pass. The score
+        reads the photo itself, as the training bank holds the photos themselves (no mirror image)."""
+        emb = self.embedding(x)
+        return self._calibrated(self.net[2](emb), x, tta), (self.unknown.score(emb) if self.unknown else None)
+
+    @torch.inference_mode()
     def probabilities(self, x: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
         """Calibrated class probabilities for a preprocessed batch (with the mirror-image TTA if trained so)."""
-        tta = self.meta.get("tta", False) if tta is None else tta
-        logits = self.net(x)
-        if tta:
+        return self._calibrated(self.net(x), x, tta)
+
+    def _calibrated(self, logits: torch.Tensor, x: torch.Tensor, tta: bool | None) -> torch.Tensor:
+        if self.meta.get("tta", False) if tta is None else tta:
             logits = (logits + self.net(torch.flip(x, dims=[-1]))) / 2
         return torch.softmax(logits / self.temperature, dim=1)
 
