@@ -296,8 +296,8 @@ def to_table(rec: Recommendation) -> str:
     title = rec.image + (f"  ({len(rec.images)} photos, mean probabilities)" if rec.images is not None else "")
     lines = [title + (f"  {UNKNOWN_MARK}" if rec.unknown else "") + ("  [NEEDS REVIEW]" if rec.needs_review else "")]
     if rec.unknown:
-        lines.append(f"      unknown score {rec.unknown_score:.3f} > {rec.unknown_threshold:.3f}: the codes below are only "
-                     "the nearest trained ones, not a suggestion")
+        lines.append(f"      unknown score {rec.unknown_score:.3f} > {rec.unknown_threshold:.3f}: the codes below are "
+                     "only the nearest trained ones, not a suggestion")
     for n, c in enumerate(rec.candidates, 1):
         code = c["hs_code"]
         beside = f"chapter {code[:2]}: {sums['chapters'].get(code[:2], 0.0):.2f}"
