@@ -2,9 +2,11 @@
 
 For each photo: the k most probable codes with their calibrated probability and the official descriptions of
 subheading, heading and chapter, the probabilities rolled up to chapters and headings, and `needs_review` when the
-top probability is under the model's review threshold (chosen on validation for a target precision), and the
-precedents: the training rulings whose photos look most alike (hsflow.precedents), with whether the nearest one's
-code agrees with the top candidate. Photos (files, or bytes as PhotoInput) are
+top probability is under the model's review threshold (chosen on validation for a target precision); `unknown`
+when the photo lies farther from every training photo than validation photos do (hsflow.unknown): then it always
+needs review and its codes are only the nearest trained ones; and the precedents: the training rulings whose photos
+look most alike (hsflow.precedents), with whether the nearest one's code agrees with the top candidate. Photos
+(files, or bytes as PhotoInput) are
 decoded and preprocessed exactly as training did (`open_rgb` with JPEG draft decoding at the resize size, then
 the model's preprocessing), so top-1 on a test split equals the test top-1 the training run logged.
 
@@ -37,6 +39,7 @@ from hsflow.features import default_workers  # noqa: E402
 from hsflow.images import PhotoError, open_rgb  # noqa: E402
 from hsflow.models.package import HSModel  # noqa: E402
 
+UNKNOWN_MARK = "[UNKNOWN: not like any trained product]"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PROGRESS_MIN = 100  # photos; fewer finish before a bar is worth drawing
 
@@ -62,10 +65,14 @@ class Recommendation:
     precedents: list[dict] = field(default_factory=list)  # the most similar training rulings, most similar first
     precedent_agrees: bool | None = None  # nearest precedent's code == the top candidate's (None: no precedent)
     group_key: str = "folder"       # a group's name field: "folder" (--group-by folder) or "item"
+    unknown: bool = False           # unlike every trained product (hsflow.unknown); then needs_review too
+    unknown_score: float | None = None  # None: no photo scored (an error, or a model without a scorer)
+    unknown_threshold: float | None = field(default=None, repr=False)  # the model's, for the table
 
     def to_dict(self) -> dict:
         where = {"image": self.image} if self.images is None else {self.group_key: self.image, "images": self.images}
         return {**where, "candidates": self.candidates, "rollup": self.rollup, "needs_review": self.needs_review,
+                "unknown": self.unknown, "unknown_score": self.unknown_score,
                 "precedents": self.precedents, "precedent_agrees": self.precedent_agrees, "error": self.error}
 
 
@@ -234,13 +241,30 @@ def full_rollup(probs: torch.Tensor, classes: list[str]) -> dict:
     return {"chapters": hs.chapters(by_code), "headings": hs.headings(by_code)}
 
 
+def is_unknown(model: HSModel, unknown_score: float | None) -> bool:
+    """The unknown decision every door takes (CLI, Python, the MLflow model): the model's own scorer and threshold."""
+    return model.unknown is not None and unknown_score is not None and bool(
+        model.unknown.decide(torch.tensor(unknown_score)))
+
+
+def unknown_scores(model: HSModel, emb: torch.Tensor) -> list[float | None]:
+    """Each embedding's unknown score (hsflow.unknown), or None for a model saved without a scorer."""
+    if model.unknown is None:
+        return [None] * len(emb)
+    return model.unknown.score(emb).float().cpu().tolist()
+
+
 def _recommendation(image: str, probs: torch.Tensor, emb: torch.Tensor, model: HSModel, top_k: int,
-                    n_precedents: int | None, images=None, group_key: str = "folder") -> Recommendation:
+                    n_precedents: int | None, images=None, group_key: str = "folder",
+                    unknown_score: float | None = None) -> Recommendation:
     roll = full_rollup(probs, model.classes)
     top = {level: dict(list(sums.items())[:top_k]) for level, sums in roll.items()}
     threshold = float(model.meta.get("review_threshold", 0.0))
-    rec = Recommendation(image, candidates(probs, model.classes, top_k), top, float(probs.max()) < threshold,
-                         images=images, totals=roll, group_key=group_key)
+    unknown = is_unknown(model, unknown_score)
+    cands = [{**c, "nearest_only": unknown} for c in candidates(probs, model.classes, top_k)]
+    rec = Recommendation(image, cands, top, float(probs.max()) < threshold or unknown, images=images, totals=roll,
+                         group_key=group_key, unknown=unknown, unknown_score=unknown_score,
+                         unknown_threshold=model.unknown.threshold if model.unknown else None)
     index = model.precedents
     if index is not None and n_precedents != 0:
         rec.precedents = index.nearest(emb.unsqueeze(0), n_precedents)[0]
@@ -260,10 +284,10 @@ def recommend(model: HSModel | str, paths: Iterable[str | Path | PhotoInput], to
     """Recommendations for photo files and folders (recursively) or PhotoInputs (bytes), in input order.
 
     `group_by="folder"`: one per folder, from the mean of its photos' probabilities (each photo counts equally;
-    the mean of calibrated probabilities stays a distribution), after one failed-photo record per unreadable photo.
-    PhotoInputs with an `item` are grouped the same way by item. `precedents`: how many precedent rulings to list
-    (default: the model's own setting; 0: none). `model` is an HSModel or a URI for `load`; its network moves to
-    `device` (default: CUDA when available).
+    the mean of calibrated probabilities stays a distribution) and the mean of their unknown scores against the same
+    threshold, after one failed-photo record per unreadable photo. PhotoInputs with an `item` are grouped the same
+    way by item. `precedents`: how many precedent rulings to list (default: the model's own setting; 0: none).
+    `model` is an HSModel or a URI for `load`; its network moves to `device` (default: CUDA when available).
     """
     return list(iter_recommend(model, paths, top_k, group_by=group_by, batch_size=batch_size,
                                num_workers=num_workers, device=device, progress=progress, precedents=precedents))
@@ -286,24 +310,27 @@ def iter_recommend(model: HSModel | str, paths: Iterable[str | Path | PhotoInput
     key = "folder" if group_by == "folder" else "item"
     stream = predict(model, photos, batch_size=batch_size, num_workers=num_workers, device=device,
                      progress=progress)
-    groups: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    groups: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, float | None]]] = {}
     for src, probs, emb, error in stream:
         if src.item is not None:
             groups.setdefault(src.item, [])
         if probs is None:
             yield _failed(src.name, error)
-        elif src.item is None:
-            yield _recommendation(src.name, probs, emb, model, top_k, precedents)
+            continue
+        score = unknown_scores(model, emb.unsqueeze(0))[0]
+        if src.item is None:
+            yield _recommendation(src.name, probs, emb, model, top_k, precedents, unknown_score=score)
         else:
-            groups[src.item].append((src.name, probs, emb))
+            groups[src.item].append((src.name, probs, emb, score))
     for item, members in groups.items():
         if not members:
             yield _failed(item, f"{item}: no usable photo in this {key}", images=[], group_key=key)
             continue
-        mean = torch.stack([p for _, p, _ in members]).mean(0)
-        emb = torch.nn.functional.normalize(torch.stack([e for _, _, e in members]), dim=1).mean(0)
-        yield _recommendation(item, mean, emb, model, top_k, precedents, images=[n for n, _, _ in members],
-                              group_key=key)
+        mean = torch.stack([m[1] for m in members]).mean(0)
+        emb = torch.nn.functional.normalize(torch.stack([m[2] for m in members]), dim=1).mean(0)
+        scores = [m[3] for m in members if m[3] is not None]  # an item is unknown when its photos are, on average
+        yield _recommendation(item, mean, emb, model, top_k, precedents, images=[m[0] for m in members],
+                              group_key=key, unknown_score=sum(scores) / len(scores) if scores else None)
 
 
 # --- output ------------------------------------------------------------------------------------------------------
@@ -313,6 +340,8 @@ def as_json(rec: Recommendation) -> dict:
     the MLflow model returns per row and the review page shows. Fields added to `to_dict` flow through as they are."""
     d = rec.to_dict()
     d["candidates"] = [{**c, "probability": round(c["probability"], 6)} for c in d["candidates"]]
+    if d["unknown_score"] is not None:
+        d["unknown_score"] = round(d["unknown_score"], 6)
     d["rollup"] = {level: {k: round(v, 6) for k, v in sums.items()} for level, sums in d["rollup"].items()}
     return d
 
@@ -331,7 +360,10 @@ def to_table(rec: Recommendation) -> str:
     rolled-up probability; the top code's heading and chapter described below."""
     sums = rec.totals or rec.rollup
     title = rec.image + (f"  ({len(rec.images)} photos, mean probabilities)" if rec.images is not None else "")
-    lines = [title + ("  [NEEDS REVIEW]" if rec.needs_review else "")]
+    lines = [title + (f"  {UNKNOWN_MARK}" if rec.unknown else "") + ("  [NEEDS REVIEW]" if rec.needs_review else "")]
+    if rec.unknown:
+        lines.append(f"      unknown score {rec.unknown_score:.3f} > {rec.unknown_threshold:.3f}: the codes below are "
+                     "only the nearest trained ones, not a suggestion")
     for n, c in enumerate(rec.candidates, 1):
         code = c["hs_code"]
         beside = f"chapter {code[:2]}: {sums['chapters'].get(code[:2], 0.0):.2f}"

@@ -28,7 +28,7 @@ def _import_training_stack() -> None:
     global mlflow, pl, torch, instantiate, ModelCheckpoint, MLFlowLogger, calibration, tracking, HSDataModule
     global Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id, FeatureCache, PhotoDataset, default_workers
     global extract, WeightsMissing, build_backbone, split_backbone, HSClassifier, build_head, HSModel, assemble
-    global evaluation, precedents, metrics, ConcatDataset, TensorDataset, EpochTimer, StageClock
+    global evaluation, precedents, metrics, unknown, ConcatDataset, TensorDataset, EpochTimer, StageClock
     import mlflow
     import pytorch_lightning as pl
     import torch
@@ -38,7 +38,7 @@ def _import_training_stack() -> None:
 
     from torch.utils.data import ConcatDataset, TensorDataset
 
-    from hsflow import calibration, evaluation, metrics, precedents, tracking
+    from hsflow import calibration, evaluation, metrics, precedents, tracking, unknown
     from hsflow.timing import EpochTimer, StageClock
     from hsflow.data.datamodule import HSDataModule
     from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id
@@ -279,6 +279,15 @@ def run(cfg: DictConfig) -> dict:
                  figures["test/unflagged_coverage"], evaluation.interval_text(figures, "test/unflagged_precision"))
         clock.mark("test")
 
+        # The unknown score: training embeddings as the bank, its threshold fitted on validation (hsflow.unknown).
+        scorer = None
+        if cfg.unknown.enabled:
+            scorer, rates, heldout = unknown.fit_run(cfg, module, dm, spec, net, pre, _device(cfg))
+            mlflow.log_metrics(rates)
+            if heldout:
+                mlflow.log_dict(heldout, "unknown/heldout_codes.json")
+            clock.mark("unknown")
+
         # The model first: what follows (plots, tables) may fail at some scale, and must not lose a trained run.
         if cfg.logger.log_model:
             full = assemble(net.prefix, module.suffix, module.head).cpu().eval()
@@ -290,7 +299,7 @@ def run(cfg: DictConfig) -> dict:
                     "refit_val_weight": int(cfg.refit.val_weight), "test_top1": float(test["test/top1"])}
             index, test["test/precedent_top1"] = precedent_index(cfg, spec, net, pre, dm, full)
             mlflow.log_metric("test/precedent_top1", test["test/precedent_top1"])
-            tracking.log_model(HSModel(full, meta, index), cfg)
+            tracking.log_model(HSModel(full, meta, index, scorer), cfg)
         clock.mark("log_model")
         pairs = metrics.confusion_pairs(test_pred, test_y)
         title = f"{cfg.model.name} on {spec.name}: test top-1 {test['test/top1']:.3f}"

@@ -20,7 +20,7 @@ from hsflow import config, hs
 from hsflow import recommend as R
 from hsflow.models.package import HSModel
 
-CANDIDATE_KEYS = {"hs_code", "probability", "description", "heading", "chapter"}
+CANDIDATE_KEYS = {"hs_code", "probability", "description", "heading", "chapter", "nearest_only"}
 
 
 def cli(*args, env=None, cwd=None):
@@ -46,7 +46,7 @@ def tiny_model(tiny_run) -> HSModel:
 
 def save_variant(model: HSModel, folder: Path, **meta) -> Path:
     """A copy of the model with some meta values replaced (classes, review_threshold), saved as a folder."""
-    HSModel(model.net, {**copy.deepcopy(model.meta), **meta}).save(folder)
+    HSModel(model.net, {**copy.deepcopy(model.meta), **meta}, model.unknown).save(folder)
     return folder
 
 
@@ -100,8 +100,9 @@ def test_json_schema_with_runs_uri_from_the_default_store(tiny_run, tmp_path, mo
     lines = [json.loads(line) for line in proc.out.splitlines()]
     assert [d["image"] for d in lines] == [str(p) for p in shots]
     for d in lines:
-        assert set(d) == {"image", "candidates", "rollup", "needs_review", "precedents", "precedent_agrees",
-                          "error"} and d["error"] is None
+        assert set(d) == {"image", "candidates", "rollup", "needs_review", "unknown", "unknown_score", "precedents",
+                          "precedent_agrees", "error"}
+        assert d["error"] is None and isinstance(d["unknown"], bool) and isinstance(d["unknown_score"], float)
         assert isinstance(d["needs_review"], bool)
         assert len(d["candidates"]) == 3 and all(set(c) == CANDIDATE_KEYS for c in d["candidates"])
         ps = [c["probability"] for c in d["candidates"]]
@@ -172,8 +173,8 @@ def test_group_by_folder_averages_the_photos(tiny_model, tmp_path):
         mean = {c: sum(next(x["probability"] for x in r.candidates if x["hs_code"] == c) for r in members) / 3
                 for c in tiny_model.classes}
         assert {c["hs_code"]: c["probability"] for c in g.candidates} == pytest.approx(mean, abs=1e-6)
-        assert set(g.to_dict()) == {"folder", "images", "candidates", "rollup", "needs_review", "precedents",
-                                    "precedent_agrees", "error"}
+        assert set(g.to_dict()) == {"folder", "images", "candidates", "rollup", "needs_review", "unknown",
+                                    "unknown_score", "precedents", "precedent_agrees", "error"}
         assert g.candidates[0]["hs_code"] == max(mean, key=mean.get)
 
 

@@ -78,6 +78,7 @@ def test_logged_model_loads_back_and_predicts(tiny_run, monkeypatch):
         pd.DataFrame({"path": [str(photo)]}), params={"top_k": 3})
     served = {c["hs_code"]: c["probability"] for c in out["candidates"]}
     assert torch.allclose(torch.tensor([served[c] for c in model.classes]), probs[0], atol=1e-5)
+    assert isinstance(out["unknown"], bool) and isinstance(out["unknown_score"], float)
 
 
 def test_corrupt_photo_is_skipped_with_a_warning_at_build_time(tiny_store, tmp_path, capsys):

@@ -17,6 +17,7 @@ import collections
 import hashlib
 import json
 import random
+import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -251,7 +252,8 @@ def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | P
     if by not in ("ruling", "date"):
         raise ValueError(f"dataset.split.by={by!r}: choose ruling (random by ruling, seeded) or date (cut dates)")
     cuts = _date_cuts(cfg) if by == "date" else None
-    photos = selected_photos(cfg, store)
+    excluded = excluded_codes(cfg)
+    photos = [p for p in selected_photos(cfg, store) if p.hs_code not in excluded]
     all_codes = collections.Counter(p.hs_code for p in photos)
     if cuts:  # checked before any photo is decoded: a period with no ruling is a config error, not a result
         check_periods(photos, cuts, cfg)
@@ -374,6 +376,17 @@ def _reason_kind(reason: str) -> str:
              "top ": "not among the top codes", "singleton": "singleton", "no ruling before": "no ruling before the "
              "first cut", "no training photo": "no training photo"}
     return next((v for k, v in kinds.items() if k in reason), reason)
+
+
+def excluded_codes(cfg: DictConfig) -> set[str]:
+    """dataset.exclude_codes: codes held out entirely (no photo in any split), e.g. to measure how a model meets
+    codes it has never seen (hsflow.unknown's leave-codes-out evaluation)."""
+    codes = [str(c) for c in (cfg.get("exclude_codes") or [])]
+    bad = [c for c in codes if not re.fullmatch(r"\d{10}", c)]
+    if bad:
+        raise ValueError(f"dataset.exclude_codes: {bad[0]!r} is not a 10-digit HS code (e.g. "
+                         "'dataset.exclude_codes=[\"0810500000\"]')")
+    return set(codes)
 
 
 def protocol(cfg: DictConfig) -> str:

@@ -32,6 +32,10 @@ class HSDataModule(pl.LightningDataModule):
                           pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                           multiprocessing_context=worker_context(workers))
 
+    def ordered_dataloader(self, split: str) -> DataLoader:
+        """A split in its dataset order, unshuffled (for outputs aligned with the split's samples)."""
+        return self._loader(split, False)
+
     def train_dataloader(self):
         return self._loader("train", True)
 

@@ -1,6 +1,6 @@
 """The exported model: the whole network (frozen prefix + trained suffix + head) with its classes,
-preprocessing and calibration, saved as plain files (weights.pt + meta.json, and the precedent index:
-hsflow.precedents) inside an MLflow model.
+preprocessing, calibration, unknown score and precedent index, saved as plain files (weights.pt + meta.json +
+unknown.pt + the precedent index: hsflow.precedents) inside an MLflow model.
 
 Loading never unpickles arbitrary objects: meta is JSON and the weights load with `torch.load(weights_only=True)`
 into a network rebuilt from the backbone registry (no download: the weights file holds every parameter).
@@ -18,6 +18,7 @@ from hsflow.data.transforms import build_preprocess, spec_id
 from hsflow.models.backbones import build_backbone, split_backbone
 from hsflow.models.classifier import build_head
 from hsflow.precedents import PrecedentIndex
+from hsflow.unknown import UnknownScorer
 
 WEIGHTS, META = "weights.pt", "meta.json"
 
@@ -38,6 +39,7 @@ class HSModel:
     net: nn.Sequential
     meta: dict  # backbone, unfreeze, head, classes, preprocess, temperature, review_threshold, run facts
     precedents: PrecedentIndex | None = field(default=None, repr=False)  # training photos' rulings, if saved
+    unknown: UnknownScorer | None = field(default=None, repr=False)  # training embeddings + threshold; None: never
 
     @property
     def classes(self) -> list[str]:
@@ -53,8 +55,13 @@ class HSModel:
     def save(self, folder: Path) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(self.net.state_dict(), folder / WEIGHTS)
-        (folder / META).write_text(json.dumps(self.meta, indent=1, ensure_ascii=False))
-        return [folder / WEIGHTS, folder / META, *(self.precedents.save(folder) if self.precedents else [])]
+        meta = {k: v for k, v in self.meta.items() if k != "unknown"}
+        files = [folder / WEIGHTS, folder / META]
+        if self.unknown is not None:
+            meta["unknown"] = self.unknown.meta()
+            files.append(self.unknown.save(folder))
+        (folder / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        return files + (self.precedents.save(folder) if self.precedents else [])
 
     @classmethod
     def load(cls, folder: Path) -> "HSModel":
@@ -66,7 +73,8 @@ class HSModel:
         meta = json.loads(metas[0].read_text())
         net = build_network(meta)
         net.load_state_dict(torch.load(metas[0].parent / WEIGHTS, map_location="cpu", weights_only=True))
-        return cls(net.eval(), meta, PrecedentIndex.load(metas[0].parent))
+        unknown = UnknownScorer.load(metas[0].parent, meta["unknown"]) if meta.get("unknown") else None
+        return cls(net.eval(), meta, PrecedentIndex.load(metas[0].parent), unknown)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +85,8 @@ class HSModel:
         """The pooled embedding of a preprocessed batch: what the head reads (frozen prefix, then the trained
         suffix for unfreeze > 0 models); the precedent index holds the training photos' embeddings."""
         return self.net[1](self.net[0](x))
+
+    embedding = embed  # the name hsflow.unknown reads it by
 
     @torch.inference_mode()
     def probabilities_and_embeddings(self, x: torch.Tensor, tta: bool | None = None):
@@ -91,6 +101,11 @@ class HSModel:
     def probabilities(self, x: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
         """Calibrated class probabilities for a preprocessed batch (with the mirror-image TTA if trained so)."""
         return self.probabilities_and_embeddings(x, tta)[0]
+
+    def outputs(self, x: torch.Tensor, tta: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Calibrated probabilities and unknown scores (None without a scorer) from one forward pass."""
+        probs, emb = self.probabilities_and_embeddings(x, tta)
+        return probs, (self.unknown.score(emb) if self.unknown is not None else None)
 
 
 def load_model(uri: str) -> HSModel:
