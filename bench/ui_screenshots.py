@@ -29,7 +29,7 @@ def shoot(url: str, out: Path, size: str = "2200,1000", wait_s: float = 30) -> N
     import urllib.parse
     import urllib.request
 
-    import websocket  # websocket-client, installed with MLflow's dependencies
+    import websocket  # websocket-client (pyproject's test extras)
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser:
