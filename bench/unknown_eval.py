@@ -114,7 +114,7 @@ def main() -> None:
     figures = {"ood_unknown_rate": rate(ood), "heldout_unknown_rate": rate(heldout),
                "test_unknown_rate": rate(test)}
     with mlflow.start_run(run_id=full_id):
-        mlflow.log_metric("ood_unknown_rate", figures["ood_unknown_rate"])
+        mlflow.log_metric("test/ood_unknown_rate", figures["ood_unknown_rate"])
         mlflow.log_dict(ood_rows, "unknown/ood.json")
     logged = {"test_unknown_rate": client.get_run(full_id).data.metrics.get("test/unknown_rate"),
               "val_unknown_rate": client.get_run(full_id).data.metrics.get("val/unknown_rate"),
