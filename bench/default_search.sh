@@ -3,6 +3,7 @@
 # configuration on dataset=demo with its dated split (train < 2018, validation 2018, test 2019), all in the MLflow
 # experiment "default-search". Chosen by val_top1 (2018 rulings); the 2019 test rulings are only reported.
 # Table: .venv/bin/python -m hsflow.report --experiment default-search --layout list
+# The refit on train + validation is decided on validation alone too: bench/refit_evidence.py (run "refit-evidence").
 # Usage: bash bench/default_search.sh [NAME ...]   (no names: every configuration below)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,12 +18,12 @@ declare -A RUNS=(
   [lite1-linear-adamw]="$W model=efficientnet_lite1 model.head.hidden=0"
   [lite1-hidden512-adamw-tta]="$W model=efficientnet_lite1 tta=true"
   [lite1-strongaug4]="$W model=efficientnet_lite1 +augment=strong dataset.train_views=4"
-  [lite1-refit-x5]="$W model=efficientnet_lite1 refit.enabled=true refit.val_weight=5"
+  [lite1-hidden512-adamw-refit]="$W model=efficientnet_lite1 refit.enabled=true"   # = experiment=recommended
   [lite1-random-split]="$W model=efficientnet_lite1 dataset.split.by=ruling"   # the leak: a random split by ruling
   [lite0-unfreeze1-strongaug2]="$W trainer.max_epochs=15 model.unfreeze=1 +augment=strong dataset.train_views=2"
 )
 ORDER=(lite0-hidden512-adamw lite1-hidden512-adamw lite2-hidden512-adamw lite1-linear-adamw lite1-hidden512-adamw-tta
-       lite1-refit-x5 lite1-random-split lite1-strongaug4 lite0-unfreeze1-strongaug2 study-lite0)
+       lite1-hidden512-adamw-refit lite1-random-split lite1-strongaug4 lite0-unfreeze1-strongaug2 study-lite0)
 for name in "${@:-${ORDER[@]}}"; do
   echo "== $name $(date +%T)"
   $T "logger.run_name=$name" ${RUNS[$name]} 2>&1 | grep -E "run_id=|error|test \("

@@ -87,5 +87,6 @@ def test_make_train_default_is_the_recommended_experiment():
     cfg = compose_cfg("experiment=recommended")
     assert cfg.model.name == "efficientnet_lite1" and cfg.model.unfreeze == 0 and cfg.model.head.hidden == 512
     assert cfg.scheduler == "cosine" and cfg.label_smoothing == 0.1 and cfg.optimizer.lr == 1e-3
+    assert cfg.refit.enabled and cfg.dataset.split.by == "date"  # refit on train + 2018 after choosing on 2018
     study = compose_cfg("experiment=study_frozen")
     assert study.optimizer._target_ == "torch.optim.RMSprop" and study.model.head.dropout == 0.5
