@@ -8,6 +8,7 @@ The markdown is printed and logged as an artifact of a run named `report` in the
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 
@@ -122,7 +123,10 @@ def build_report(experiment: str, layout: str = "grid", rows: str = "trainer.max
     if not runs:
         raise ValueError(f"experiment {experiment!r} has no finished training runs yet")
     table, data = grid_table(runs, rows, cols, metric) if layout == "grid" else list_table(runs)
-    best = max(runs, key=lambda r: (r.data.metrics.get("curves/top1_val", 0), r.data.metrics[metric]))
+    # Validation figures compare only under one split protocol: the best is chosen among the runs of the most common.
+    common = collections.Counter(protocol(r).split(" ")[0] for r in runs).most_common(1)[0][0]
+    best = max((r for r in runs if protocol(r).split(" ")[0] == common),
+               key=lambda r: (r.data.metrics.get("curves/top1_val", 0), r.info.start_time))  # never test
     name = best.data.tags.get("mlflow.runName", best.info.run_id)
     text = (f"## {experiment}: {metric.replace('_', ' ')}\n\n{table}\n\n"
             f"Best by validation top-1: run {name} ({best.info.run_id}), {best.data.params.get(cols, '?')} × "
