@@ -299,7 +299,7 @@ def run(cfg: DictConfig) -> dict:
                     "refit_val_weight": int(cfg.refit.val_weight), "test_top1": float(test["test/top1"])}
             index, test["test/precedent_top1"] = precedent_index(cfg, spec, net, pre, dm, full)
             mlflow.log_metric("test/precedent_top1", test["test/precedent_top1"])
-            tracking.log_model(HSModel(full, meta, index, scorer), cfg)
+            tracking.log_model(HSModel(full, meta, precedents=index, unknown=scorer), cfg)
         clock.mark("log_model")
         pairs = metrics.confusion_pairs(test_pred, test_y)
         title = f"{cfg.model.name} on {spec.name}: test top-1 {test['test/top1']:.3f}"

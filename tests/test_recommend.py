@@ -46,7 +46,7 @@ def tiny_model(tiny_run) -> HSModel:
 
 def save_variant(model: HSModel, folder: Path, **meta) -> Path:
     """A copy of the model with some meta values replaced (classes, review_threshold), saved as a folder."""
-    HSModel(model.net, {**copy.deepcopy(model.meta), **meta}, model.unknown).save(folder)
+    HSModel(model.net, {**copy.deepcopy(model.meta), **meta}, model.precedents, model.unknown).save(folder)
     return folder
 
 
