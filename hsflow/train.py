@@ -121,8 +121,8 @@ def prepare(cfg: DictConfig, clock=None):
         dm = HSDataModule({sp: PhotoDataset(spec.split(sp), preprocess, augmenter, pre["resize"],
                                             tta=bool(cfg.tta) and sp != "train") for sp in SPLITS},
                           num_workers=workers, **common)
-        dm.refit_train = ConcatDataset([dm.splits["train"]]
-                                       + [PhotoDataset(spec.split("val"), preprocess, augmenter, pre["resize"])] * weight)
+        val_photos = PhotoDataset(spec.split("val"), preprocess, augmenter, pre["resize"])
+        dm.refit_train = ConcatDataset([dm.splits["train"]] + [val_photos] * weight)
         prefix = net.prefix
     # make_module re-seeds: feature extraction draws from the global RNG only when the cache is cold, so without it
     # the head's init and the dropout stream would depend on what was cached (cached vs naive, warm vs cold runs).

@@ -63,7 +63,8 @@ def test_choices_never_read_the_test_period(tiny_store, session_cache, tmp_path)
     shutil.copytree(tiny_store, noisy)
     _replace_test_year(noisy, 1)
     runs = {}
-    for name, store, extra in (("clean", tiny_store, ()), ("noisy", noisy, ("refit.enabled=true", "refit.val_weight=3"))):
+    refit = ("refit.enabled=true", "refit.val_weight=3")
+    for name, store, extra in (("clean", tiny_store, ()), ("noisy", noisy, refit)):
         proc = train_cli(*tiny_overrides(store, session_cache, tmp_path / name, "trainer.max_epochs=3", *extra))
         assert proc.returncode == 0, proc.stderr[-3000:]
         run_id = proc.stdout.strip().splitlines()[-1].split()[0].split("=")[1]
