@@ -184,7 +184,7 @@ def test_a_failing_plot_does_not_lose_the_trained_run(tiny_store, session_cache,
     assert "plots/confused_pairs.png" in files and "plots/confusion_headings.png" in files
     assert "plots/confusion_chapters.png" not in files
     assert client.get_run(run_id).info.status == "FINISHED"
-    from hsflow.models.package import load_model
+    from hsflow.recommend import load  # resolves runs:/ against MLFLOW_TRACKING_URI whatever an earlier test set
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    assert load_model(f"runs:/{run_id}/model").classes == ["0401200000", "0808100000", "2009120000"]
+    assert load(f"runs:/{run_id}/model").classes == ["0401200000", "0808100000", "2009120000"]
