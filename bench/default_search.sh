@@ -18,11 +18,12 @@ declare -A RUNS=(
   [lite1-linear-adamw]="$W model=efficientnet_lite1 model.head.hidden=0"
   [lite1-hidden512-adamw-tta]="$W model=efficientnet_lite1 tta=true"
   [lite1-strongaug4]="$W model=efficientnet_lite1 +augment=strong dataset.train_views=4"
-  [lite1-hidden512-adamw-refit]="$W model=efficientnet_lite1 refit.enabled=true"   # = experiment=recommended
+  [lite1-hidden512-adamw-refit]="$W model=efficientnet_lite1 refit.enabled=true"
+  [lite1-strongaug4-refit]="experiment=recommended"                  # the chosen one (make train)
   [lite1-random-split]="$W model=efficientnet_lite1 dataset.split.by=ruling"   # the leak: a random split by ruling
   [lite0-unfreeze1-strongaug2]="$W trainer.max_epochs=15 model.unfreeze=1 +augment=strong dataset.train_views=2"
 )
-ORDER=(lite0-hidden512-adamw lite1-hidden512-adamw lite2-hidden512-adamw lite1-linear-adamw lite1-hidden512-adamw-tta
+ORDER=(lite1-strongaug4-refit lite0-hidden512-adamw lite1-hidden512-adamw lite2-hidden512-adamw lite1-linear-adamw lite1-hidden512-adamw-tta
        lite1-hidden512-adamw-refit lite1-random-split lite1-strongaug4 lite0-unfreeze1-strongaug2 study-lite0)
 for name in "${@:-${ORDER[@]}}"; do
   echo "== $name $(date +%T)"
