@@ -7,31 +7,25 @@ B = Path(__file__).resolve().parent
 
 def stage_rows(d):
     tr = {s["stage"]: s for s in d["train"]["stages"]}
+    fit = tr["fit"]
+    per_epoch = {"seconds": sum(fit["epoch_seconds"]) / len(fit["epoch_seconds"]),
+                 "cpu_seconds": sum(fit["epoch_cpu_seconds"]) / len(fit["epoch_cpu_seconds"]),
+                 "peak_rss_mb": fit["peak_rss_mb"]}
+    missing = {"seconds": float("nan"), "cpu_seconds": float("nan"), "peak_rss_mb": float("nan")}  # older runs
     rows = [("import (`hsflow.store import-archive`)", d["stages"]["import"]),
             ("`store info` (decodes every photo)", d["stages"]["info"]),
             ("train: dataset build (decode check, quality stats, near-duplicates, split)", tr["dataset"]),
             ("train: feature extraction (64 px)", tr["features"]),
-            ("train: fit, per epoch (3 epochs, validation included)", None),
+            ("train: fit, per epoch (3 epochs, validation included)", per_epoch),
             ("train: calibration (temperature, review threshold)", tr["calibrate"]),
-            ("train: refit on train + validation (3 epochs)", tr.get("refit")),
+            ("train: refit on train + validation (3 epochs)", tr.get("refit", missing)),
             ("train: test", tr["test"]),
-            ("train: unknown score (bank, threshold, rates)", tr.get("unknown")),
+            ("train: unknown score (bank, threshold, rates)", tr.get("unknown", missing)),
             ("train: log the model (weights, precedents, thumbnails)", tr["log_model"]), ("train: plots", tr["plots"]),
             ("train: whole process (imports, MLflow run, all of the above)", d["train"]["process"]),
             ("`hsflow.report`", d["stages"]["report"]),
             ("`hsflow.recommend` over 1,000 photos", d["stages"]["recommend"])]
-    fit = tr["fit"]
-    out = []
-    for name, s in rows:
-        if s is None and "refit" in name or s is None and "unknown" in name:
-            out.append((name, float("nan"), float("nan"), float("nan")))
-        elif s is None:
-            w = sum(fit["epoch_seconds"]) / len(fit["epoch_seconds"])
-            c = sum(fit["epoch_cpu_seconds"]) / len(fit["epoch_cpu_seconds"])
-            out.append((name, w, c, fit["peak_rss_mb"]))
-        else:
-            out.append((name, s["seconds"], s["cpu_seconds"], s["peak_rss_mb"]))
-    return out
+    return [(name, s["seconds"], s["cpu_seconds"], s["peak_rss_mb"]) for name, s in rows]
 
 
 def main():

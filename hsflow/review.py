@@ -10,7 +10,6 @@ answer, the other photos are still used, and the page stays usable.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import json
@@ -99,18 +98,11 @@ def create_app(model: HSModel, *, top_k: int = 5) -> Starlette:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hsflow.serve import model_argument, resolve_model
+    from hsflow.serve import server_args
 
-    ap = argparse.ArgumentParser(prog="python -m hsflow.review", description=__doc__.split("\n\n")[0])
-    model_argument(ap)
-    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--top-k", type=int, default=5)
-    args = ap.parse_args(argv)
-    try:
-        uri = resolve_model(args)
-    except LookupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    args, uri = server_args("python -m hsflow.review", __doc__.split("\n\n")[0], 8000, argv,
+                            lambda ap: ap.add_argument("--top-k", type=int, default=5))
+    if uri is None:
         return 2
     try:
         model = load(uri)

@@ -48,30 +48,33 @@ def latest_model_uri(experiment: str = EXPERIMENT, run_filter: str = "", trackin
                       + (f" matching {run_filter!r}" if run_filter else "") + ": run `make train` first")
 
 
-def model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="runs:/<run id>/model, models:/<name>/<version> or a folder (default: the latest "
-                             "`make train` model)")
-    parser.add_argument("--experiment", default=EXPERIMENT, help=f"where to look for the latest (default {EXPERIMENT})")
-    parser.add_argument("--filter", default="", dest="run_filter",
-                        help="an MLflow run filter the latest must match, e.g. \"params.`model.name` = 'x'\"")
-
-
-def resolve_model(args) -> str:
-    return args.model or latest_model_uri(args.experiment, args.run_filter)
+def server_args(prog: str, description: str, port: int, argv: list[str] | None,
+                extra=lambda ap: None) -> tuple[argparse.Namespace, str | None]:
+    """The options every door onto a saved model shares (which model, host, port; `extra` adds the door's own) and the
+    model's URI, or None after one error line when no model can be found."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--model", default=None,
+                    help="runs:/<run id>/model, models:/<name>/<version> or a folder (default: the latest "
+                         "`make train` model)")
+    ap.add_argument("--experiment", default=EXPERIMENT, help=f"where to look for the latest (default {EXPERIMENT})")
+    ap.add_argument("--filter", default="", dest="run_filter",
+                    help="an MLflow run filter the latest must match, e.g. \"params.`model.name` = 'x'\"")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    ap.add_argument("--port", type=int, default=port)
+    extra(ap)
+    args = ap.parse_args(argv)
+    try:
+        return args, args.model or latest_model_uri(args.experiment, args.run_filter)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return args, None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hsflow.serve", description=__doc__.split("\n\n")[0])
-    model_argument(ap)
-    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    ap.add_argument("--port", type=int, default=DEFAULT_PORT)
-    ap.add_argument("--workers", type=int, default=1, help="server processes, each holding the model")
-    args = ap.parse_args(argv)
-    try:
-        uri = resolve_model(args)
-    except LookupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    args, uri = server_args("python -m hsflow.serve", __doc__.split("\n\n")[0], DEFAULT_PORT, argv,
+                            lambda ap: ap.add_argument("--workers", type=int, default=1,
+                                                       help="server processes, each holding the model"))
+    if uri is None:
         return 2
     bindir = str(Path(sys.executable).parent)  # the venv's: mlflow starts `uvicorn` by name from PATH
     mlflow_cli = shutil.which("mlflow", path=bindir) or "mlflow"
