@@ -4,6 +4,9 @@ PY    := .venv/bin/python
 PIP   := .venv/bin/pip
 # albumentations asks the internet for a newer release at import unless told not to; hsflow never downloads.
 export NO_ALBUMENTATIONS_UPDATE := 1
+# MLflow 3 reports usage to its telemetry service unless told not to: off for every target (the mlflow servers too);
+# `make ui MLFLOW_DISABLE_TELEMETRY=false` turns it on.
+export MLFLOW_DISABLE_TELEMETRY ?= true
 export PYTHONUNBUFFERED := 1
 # Keep freed feature-map memory in the heap instead of returning it to the kernel (3x faster CPU forwards; see
 # hsflow/__init__.py, which sets the same for `python -m hsflow.*` run by hand).

@@ -20,7 +20,7 @@ import mlflow  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from hsflow import train  # noqa: E402
+from hsflow import stages  # noqa: E402
 from hsflow.config import CONF_DIR  # noqa: E402
 from hsflow.models.classifier import build_head  # noqa: E402
 
@@ -50,7 +50,10 @@ def main(argv: list[str]) -> int:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=argv or ["experiment=recommended"])
     torch.set_num_threads(1)
-    spec, _, _, dm, _ = train.prepare(cfg)
+    ctx = stages.RunContext(cfg)
+    for stage in (stages.setup, stages.dataset, stages.network, stages.data):  # train.run's stages up to the data
+        stage(ctx)
+    spec, dm = ctx.spec, ctx.dm
     (xtr, ytr), (xv, yv) = dm.splits["train"].tensors, dm.splits["val"].tensors
     rulings = [s.rrdc_no for s in spec.split("val")]
     order = sorted(set(rulings))

@@ -4,6 +4,11 @@ import sys
 
 __version__ = "0.1.0"
 
+# Nothing leaves the machine unasked: MLflow 3 reports usage to its telemetry service from every process that
+# imports it unless told not to. hsflow's processes (and the MLflow servers they start, which inherit the
+# environment) tell it not to; a user who wants to share usage sets MLFLOW_DISABLE_TELEMETRY=false.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 # glibc hands every allocation above 32 MB (a batch of feature maps) back to the kernel when it is freed, so each
 # forward pass pays page faults for fresh zeroed memory: on CPU that was half the wall-clock of feature extraction
 # (14.8 photos/s; 49 with the heap kept, measured by `make bench`). glibc reads these settings only at process

@@ -76,7 +76,8 @@ def _model(name: str):
     from hsflow.data.transforms import preprocess_spec, spec_id
     from hsflow.models.backbones import build_backbone, split_backbone
     from hsflow.models.classifier import build_head
-    from hsflow.models.package import HSModel, assemble
+    from hsflow.bundle import HSModel
+    from hsflow.models.network import assemble
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={name}"]).model
@@ -90,7 +91,7 @@ def _model(name: str):
 
 def bench_recommend(model_name: str, n: int, batch_size: int) -> dict:
     from hsflow import recommend as R
-    from hsflow.features import PhotoDataset
+    from hsflow.data.loading import PhotoDataset
     from hsflow.images import open_rgb
 
     model = _model(model_name)
@@ -121,7 +122,7 @@ def bench_recommend(model_name: str, n: int, batch_size: int) -> dict:
     from torch.utils.data import DataLoader
 
     from hsflow.data.builder import Sample
-    from hsflow.features import default_workers
+    from hsflow.data.loading import default_workers
 
     samples = [Sample(str(f), "", "", 0, "test") for f in files]
     loader = DataLoader(PhotoDataset(samples, pre, None, draft), batch_size=batch_size,

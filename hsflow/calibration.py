@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
@@ -22,7 +21,17 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    # Imported here: recommend imports this module for `unflagged` and needs no torchmetrics.
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
     return float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=n_bins))
+
+
+def unflagged(top_probability, threshold: float):
+    """The review rule, the one place it is written: an answer needs no review when its top calibrated probability
+    reaches the threshold (`>=`); below it, `needs_review`. Works on a float or a tensor of them. Fitting
+    (review_threshold), the test figures (hsflow.evaluation) and every answer (hsflow.recommend) apply this."""
+    return top_probability >= threshold
 
 
 def review_threshold(probs: torch.Tensor, labels: torch.Tensor, target_precision: float) -> float:
@@ -35,4 +44,6 @@ def review_threshold(probs: torch.Tensor, labels: torch.Tensor, target_precision
     ok = torch.nonzero(precision >= target_precision).flatten()
     if len(ok) == 0:
         return 1.0
+    # The lowest confidence among the accepted prefix: unflagged(conf, threshold) then accepts exactly that prefix
+    # (and any tie with its last member).
     return float(conf[order][ok.max()])

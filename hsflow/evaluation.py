@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from scipy.stats import bootstrap
 
+from hsflow.calibration import unflagged
+
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 
@@ -61,7 +63,7 @@ def period_figures(logits: torch.Tensor, labels: torch.Tensor, rulings: list[str
         value, low, high = ruling_interval(correct, rulings)
         out |= {f"{prefix}/{name}": value, f"{prefix}/{name}_ci_low": low, f"{prefix}/{name}_ci_high": high}
     probs = torch.softmax(logits / temperature, dim=1)
-    accepted = (probs.max(1).values >= review_threshold).numpy()
+    accepted = unflagged(probs.max(1).values, review_threshold).numpy()
     right = topk_correct(logits, labels, 1)
     out[f"{prefix}/unflagged_coverage"] = float(accepted.mean()) if len(accepted) else float("nan")
     kept = [r for r, a in zip(rulings, accepted) if a]

@@ -116,44 +116,6 @@ def thumbnail_jpeg(path: str | Path, px: int = THUMB_PX) -> bytes:
     return buf.getvalue()
 
 
-class _InMemory:
-    """The FeatureCache interface `features.extract` needs, kept in memory only."""
-
-    def __init__(self):
-        self.items: dict[str, torch.Tensor] = {}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.items
-
-    def add(self, keys: list[str], feats: torch.Tensor) -> None:
-        self.items.update(zip(keys, feats))
-
-
-@torch.no_grad()
-def split_embeddings(split: str, spec, dm, suffix: torch.nn.Module, *, prefix: torch.nn.Module, preprocess,
-                     draft_size: int, batch_size: int = 256) -> tuple[list, torch.Tensor]:
-    """A split's original photos and their embeddings as `HSModel.embed` computes them (suffix over the frozen
-    prefix's output), from the features training already holds (the feature cache; for `features=naive` runs the
-    features are computed once, in memory: the naive loop leaves the cache untouched)."""
-    from torch.utils.data import TensorDataset
-
-    from hsflow.features import extract
-
-    samples = spec.split(split)
-    keep = [i for i, s in enumerate(samples) if s.view == 0]
-    ds = dm.splits[split]
-    if isinstance(ds, TensorDataset):
-        feats = ds.tensors[0][keep]
-        if feats.dim() in (3, 5):  # test-time augmentation stacked (photo, mirror): the photo itself
-            feats = feats[:, 0]
-    else:
-        feats = extract([samples[i] for i in keep], prefix, preprocess, _InMemory(), draft_size=draft_size,
-                        desc=f"precedent features {split}")
-    suffix = suffix.cpu().eval()
-    out = [suffix(feats[i: i + batch_size].cpu()) for i in range(0, len(feats), batch_size)]
-    return [samples[i] for i in keep], torch.cat(out) if out else torch.empty(0)
-
-
 def build(samples, embeddings: torch.Tensor, classes: list[str], store_root: str | Path,
           k: int = DEFAULT_K, thumbs: bool = True) -> PrecedentIndex:
     """The index over training samples (originals) and their embeddings (aligned), with facts from the store."""

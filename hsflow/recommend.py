@@ -34,10 +34,11 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hsflow import hs  # noqa: E402
+from hsflow.calibration import unflagged  # noqa: E402
 from hsflow.config import default_tracking_uri  # noqa: E402
-from hsflow.features import default_workers  # noqa: E402
+from hsflow.data.loading import default_workers  # noqa: E402
 from hsflow.images import PhotoError, open_rgb  # noqa: E402
-from hsflow.models.package import HSModel  # noqa: E402
+from hsflow.bundle import HSModel  # noqa: E402
 
 UNKNOWN_MARK = "[UNKNOWN: not like any trained product]"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -262,8 +263,9 @@ def _recommendation(image: str, probs: torch.Tensor, emb: torch.Tensor, model: H
     threshold = float(model.meta.get("review_threshold", 0.0))
     unknown = is_unknown(model, unknown_score)
     cands = [{**c, "nearest_only": unknown} for c in candidates(probs, model.classes, top_k)]
-    rec = Recommendation(image, cands, top, float(probs.max()) < threshold or unknown, images=images, totals=roll,
-                         group_key=group_key, unknown=unknown, unknown_score=unknown_score,
+    needs_review = not unflagged(float(probs.max()), threshold) or unknown
+    rec = Recommendation(image, cands, top, needs_review, images=images, totals=roll, group_key=group_key,
+                         unknown=unknown, unknown_score=unknown_score,
                          unknown_threshold=model.unknown.threshold if model.unknown else None)
     index = model.precedents
     if index is not None and n_precedents != 0:

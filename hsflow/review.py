@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from hsflow.models.package import HSModel
+from hsflow.bundle import HSModel
 from hsflow.recommend import IMAGE_EXTS, PhotoInput, as_json, iter_recommend, load, load_error
 
 PAGE = Path(__file__).resolve().parent / "static" / "review.html"

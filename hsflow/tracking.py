@@ -271,7 +271,7 @@ def log_confusion(pairs, classes: list[str], title: str = "test confusion matrix
 
 
 def signature():
-    """What the served model takes: one row per photo (hsflow/models/pyfunc.py), `image` as bytes (base64 in
+    """What the served model takes: one row per photo (hsflow/pyfunc.py), `image` as bytes (base64 in
     JSON: MLflow's scoring server decodes a binary column of `dataframe_split`/`dataframe_records`)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
@@ -356,7 +356,7 @@ def guarded(what: str, fn, *args, **kwargs) -> str | None:
 def log_model(model, cfg: DictConfig) -> str:
     """The model as an MLflow pyfunc (model from code, every file HSModel.save writes inside, a signature and an
     input example); returns its URI runs:/<id>/model."""
-    from hsflow.models import pyfunc
+    from hsflow import pyfunc
 
     # MLflow checks the input example by loading the logged model: without progress bars.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

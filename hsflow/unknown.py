@@ -16,7 +16,6 @@ Every door asks the same function: `UnknownScorer.score` on an embedding batch, 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,22 +99,7 @@ def fit(train_emb: torch.Tensor, val_emb: torch.Tensor, k: int = DEFAULT_K,
     return scorer
 
 
-# --- training: embeddings from the run's own data, the scorer and its rates ---------------------------------------
-
-@torch.no_grad()
-def embeddings(module, loader) -> torch.Tensor:
-    """Penultimate outputs of an HSClassifier over a loader of cached prefix outputs or photos, in loader order."""
-    module.eval()
-    out = []
-    for x, _ in loader:
-        x = x.to(module.device)
-        if x.dim() == module.input_dim + 2:  # (batch, views, ...) for test-time mirroring: the photo itself
-            x = x[:, 0]
-        if module.prefix is not None:
-            x = module.prefix(x)
-        out.append(module.suffix(x).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
-
+# --- leave-codes-out: the photos of codes the dataset held out ----------------------------------------------------
 
 def heldout_photos(cfg) -> tuple[list, list]:
     """Every usable photo of the codes the dataset held out (dataset.exclude_codes), any period: (Samples, Photos)."""
@@ -130,36 +114,14 @@ def heldout_photos(cfg) -> tuple[list, list]:
     return [Sample(str(p.path), p.sha256, p.rrdc_no, -1, "heldout") for p in photos], photos
 
 
-def fit_run(cfg, module, dm, spec, net, pre, device: str) -> tuple[UnknownScorer | None, dict, dict]:
-    """The scorer of a finished training run (bank: the training originals; threshold: validation) with its rates:
-    val/unknown_rate, test/unknown_rate and, when codes were held out, test/heldout_unknown_rate (+ a per-code
-    table)."""
-    from hsflow.data.transforms import build_preprocess
-    from hsflow.features import FeatureCache, extract
-
-    originals = torch.tensor([s.view == 0 for s in spec.split("train")])
-    train = embeddings(module, dm.ordered_dataloader("train"))[originals]
-    val, test = embeddings(module, dm.val_dataloader()), embeddings(module, dm.test_dataloader())
-    if not len(val):
-        print(f"warning: dataset {spec.name}: no validation photos, so no unknown threshold can be fitted; the "
-              "model is saved without an unknown score", file=sys.stderr)
-        return None, {}, {}
-    scorer = fit(train, val, int(cfg.unknown.k), float(cfg.unknown.max_val_rate))
-    rates = {"val/unknown_threshold": scorer.threshold, "val/unknown_rate": scorer.val_rate,
-             "test/unknown_rate": float(scorer.decide(scorer.score(test)).float().mean())}
-    details: dict = {}
-    samples, photos = heldout_photos(cfg)
-    if samples:
-        feats = extract(samples, net.prefix, build_preprocess(pre), FeatureCache(cfg.paths.cache_dir, net.cache_id),
-                        batch_size=int(cfg.batch_size), device=device, draft_size=pre["resize"], desc="held-out codes")
-        with torch.no_grad():
-            flags = scorer.decide(scorer.score(module.suffix.to(device).eval()(feats.to(device)).float().cpu()))
-        rates["test/heldout_unknown_rate"] = float(flags.float().mean())
-        per_code: dict = {}
-        for p, flag in zip(photos, flags.tolist()):
-            row = per_code.setdefault(p.hs_code, {"photos": 0, "unknown": 0})
-            row["photos"] += 1
-            row["unknown"] += int(flag)
-        details = {"threshold": scorer.threshold, "photos": len(photos), "unknown": int(flags.sum()),
-                   "per_code": dict(sorted(per_code.items()))}
-    return scorer, rates, details
+def heldout_rates(scorer: UnknownScorer, photos: list, emb: torch.Tensor) -> tuple[float, dict]:
+    """The share of the held-out codes' photos called unknown, and a per-code table (for the run's artifact)."""
+    flags = scorer.decide(scorer.score(emb))
+    per_code: dict = {}
+    for p, flag in zip(photos, flags.tolist()):
+        row = per_code.setdefault(p.hs_code, {"photos": 0, "unknown": 0})
+        row["photos"] += 1
+        row["unknown"] += int(flag)
+    details = {"threshold": scorer.threshold, "photos": len(photos), "unknown": int(flags.sum()),
+               "per_code": dict(sorted(per_code.items()))}
+    return float(flags.float().mean()), details

@@ -127,3 +127,38 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+# -- the network guard: every name lookup and connection a process makes, whichever library makes it ---------------
+# Loaded by the guarded process's Python at start (a sitecustomize.py on PYTHONPATH): an audit hook appends each
+# lookup and connection to $HSFLOW_NET_LOG. Child Pythons inherit PYTHONPATH, so a server's workers are guarded too.
+NET_GUARD = '''
+import os, sys
+_log = os.environ.get("HSFLOW_NET_LOG")
+if _log:
+    def _hook(event, args):
+        if event in ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex"):
+            host = args[0]
+        elif event == "socket.connect":
+            host = args[1][0] if isinstance(args[1], tuple) else args[1]
+        else:
+            return
+        with open(_log, "a") as fh:
+            fh.write(f"{event} {host!r}\\n")
+    sys.addaudithook(_hook)
+'''
+LOCAL = {"127.0.0.1", "localhost", "::1"}
+
+
+def net_guard(tmp_path: Path) -> tuple[dict, Path]:
+    """Environment entries that guard a Python process (PYTHONPATH, HSFLOW_NET_LOG) and the log it writes."""
+    guard = tmp_path / "guard"
+    guard.mkdir(exist_ok=True)
+    (guard / "sitecustomize.py").write_text(NET_GUARD)
+    log = tmp_path / "net.log"
+    return {"PYTHONPATH": os.pathsep.join([str(guard), str(ROOT)]), "HSFLOW_NET_LOG": str(log)}, log
+
+
+def hosts(log: Path) -> set[str]:
+    """The hosts a guarded process looked up or connected to."""
+    return {eval(line.split(" ", 1)[1]) for line in log.read_text().splitlines()} if log.exists() else set()

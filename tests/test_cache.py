@@ -10,7 +10,7 @@ from hsflow.data.transforms import preprocess_spec, spec_id
 from hsflow.features import item_key
 from hsflow.images import open_rgb
 from hsflow.models.backbones import build_backbone, split_backbone
-from hsflow.models.package import load_model
+from hsflow.bundle import load_model
 from test_configs import compose_cfg
 
 

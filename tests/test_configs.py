@@ -90,3 +90,11 @@ def test_make_train_default_is_the_recommended_experiment():
     assert cfg.refit.enabled and cfg.dataset.split.by == "date"  # refit on train + 2018 after choosing on 2018
     study = compose_cfg("experiment=study_frozen")
     assert study.optimizer._target_ == "torch.optim.RMSprop" and study.model.head.dropout == 0.5
+
+
+def test_the_slurm_launcher_runs_one_task_per_device():
+    """`-m hydra/launcher=slurm trainer=ddp trainer.devices=4`: one job, one task per GPU (Lightning's SLURM
+    environment makes each task one DDP process)."""
+    cfg = compose_cfg("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4")
+    assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4
+    assert compose_cfg("hydra/launcher=slurm").hydra.launcher.tasks_per_node == 1  # trainer=default: one device

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LOCAL, hosts, net_guard
 from crawler.clip.parsing import PortalError, parse_detail, parse_list, strip_em
 from crawler.clip.spiders.clip_rulings import halves, unsafe_src, year_ranges
 from crawler.runner import FAST, HERE, crawl, crawl_command, env
@@ -322,41 +323,13 @@ def test_standin_serves_a_raw_store_too():
     assert len(rulings) == 955 and len(files) == 2936 and all(r.category == "rulings" for r in rulings)
 
 
-# -- offline-quiet: the portal's host and nothing else ------------------------------------------------------------
-# Loaded by the crawl's Python at start (PYTHONPATH): an audit hook records every name lookup and connection the
-# process makes, whichever library makes it (Twisted for Scrapy, requests for tldextract, ...).
-NET_GUARD = '''
-import os, sys
-_log = os.environ.get("HSFLOW_NET_LOG")
-if _log:
-    def _hook(event, args):
-        if event in ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex"):
-            host = args[0]
-        elif event == "socket.connect":
-            host = args[1][0] if isinstance(args[1], tuple) else args[1]
-        else:
-            return
-        with open(_log, "a") as fh:
-            fh.write(f"{event} {host!r}\\n")
-    sys.addaudithook(_hook)
-'''
-LOCAL = {"127.0.0.1", "localhost", "::1"}
-
-
+# -- offline-quiet: the portal's host and nothing else (the guard: conftest.net_guard) ------------------------
 def guarded_env(tmp_path: Path) -> tuple[dict, Path]:
     """The crawl's environment with the network guard, a fresh tldextract cache (a cached suffix list would hide a
     fetch) and no tldextract setting of the caller's."""
-    guard = tmp_path / "guard"
-    guard.mkdir()
-    (guard / "sitecustomize.py").write_text(NET_GUARD)
-    log = tmp_path / "net.log"
+    guard, log = net_guard(tmp_path)
     base = {k: v for k, v in env().items() if not k.startswith("TLDEXTRACT")}
-    return {**base, "PYTHONPATH": os.pathsep.join([str(guard), str(ROOT)]), "HSFLOW_NET_LOG": str(log),
-            "TLDEXTRACT_CACHE": str(tmp_path / "tldextract")}, log
-
-
-def hosts(log: Path) -> set[str]:
-    return {eval(line.split(" ", 1)[1]) for line in log.read_text().splitlines()} if log.exists() else set()
+    return {**base, **guard, "TLDEXTRACT_CACHE": str(tmp_path / "tldextract")}, log
 
 
 def test_the_guard_sees_a_public_suffix_fetch(tmp_path):

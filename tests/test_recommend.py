@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import PY, ROOT
 from hsflow import config, hs
 from hsflow import recommend as R
-from hsflow.models.package import HSModel
+from hsflow.bundle import HSModel
 
 CANDIDATE_KEYS = {"hs_code", "probability", "description", "heading", "chapter", "nearest_only"}
 

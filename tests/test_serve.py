@@ -19,8 +19,9 @@ from PIL import Image
 
 from conftest import PY, Server, free_port
 from hsflow import recommend as R
-from hsflow.models.package import HSModel, build_network
-from hsflow.models.pyfunc import photo_bytes
+from hsflow.bundle import HSModel
+from hsflow.models.network import build_network
+from hsflow.pyfunc import photo_bytes
 from hsflow.precedents import PrecedentIndex
 from hsflow.serve import latest_model_uri
 

@@ -14,7 +14,7 @@ from conftest import tiny_overrides, train_cli
 from hsflow.data.builder import build_dataset
 from hsflow.images import open_rgb
 from hsflow.models.backbones import WeightsMissing, _load_torchvision_state
-from hsflow.models.package import load_model
+from hsflow.bundle import load_model
 
 
 def test_last_line_is_run_id_and_test_top1(tiny_run):

@@ -17,7 +17,7 @@ from conftest import ROOT, tiny_overrides, train_cli
 from hsflow import recommend as R
 from hsflow import unknown
 from hsflow.data.builder import build_dataset
-from hsflow.models.package import HSModel
+from hsflow.bundle import HSModel
 from test_configs import compose_cfg
 
 OOD = ROOT / "data" / "ood"

@@ -265,15 +265,7 @@ def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | P
     fates = _quality_fates(all_codes, after_decode, collections.Counter(p.hs_code for p in photos), conflict_cost)
     mapping = select_classes(photos, cfg, fates)
     classes = sorted(set(mapping.values()))
-    index = {c: i for i, c in enumerate(classes)}
-    fractions = {s: float(cfg.split[s]) for s in SPLITS}
-    if by == "ruling" and abs(sum(fractions.values()) - 1) > 1e-6 or min(fractions.values()) < 0:
-        raise ValueError(f"dataset.split fractions must be >= 0 and sum to 1, got {fractions}")
-    caps = cfg.get("per_class") or {}
-    fill = cfg.get("fill") or {}
-    train_views = int(cfg.get("train_views", 0) or 0)
-    fill_test = bool(cfg.get("test_fill_with_generated", False))
-
+    _check_split_values(cfg, by)
     by_class: dict[str, list[Photo]] = collections.defaultdict(list)
     for p in photos:
         if p.hs_code in mapping:
@@ -282,50 +274,74 @@ def build_dataset(cfg: DictConfig, store_path: str | Path, *, cache_dir: str | P
     clusters_of: dict[str, list[list[str]]] = collections.defaultdict(list)  # each cluster lies in one code
     for cluster in clusters:
         clusters_of[class_of_file.get(cluster[0])].append(cluster)
-    singletons = str((cfg.get("long_tail") or {}).get("singletons") or "train")
-    if singletons not in ("train", "drop"):
-        raise ValueError(f"dataset.long_tail.singletons={singletons!r}: choose train (a code with one split unit "
-                         "trains, never evaluated) or drop")
-
     samples: list[Sample] = []
-    for label in classes:
-        groups = _groups(by_class[label], clusters_of[label])
-        if cuts:
-            assignment = split_by_date(groups, cuts)
-        elif len(groups) == 1:  # one ruling (or one near-duplicate unit): it cannot be both learned and tested
-            unit = next(iter(groups))
-            assignment = {unit: "train" if singletons == "train" else "dropped"}
-            fates[label] = {"fate": "train_only" if singletons == "train" else "dropped",
-                            "reason": f"singleton: one split unit ({len(groups[unit])} photos); "
-                                      f"long_tail.singletons={singletons}", "photos": len(groups[unit])}
-        else:
-            assignment = split_by_ruling(groups, fractions, int(cfg.split.seed), label)
-        if cuts and len(groups) == 1 and all(v == "train" for v in assignment.values()):
-            fates[label] = {"fate": "train_only", "reason": "singleton: its one split unit is dated before "
-                            f"{cuts[0]}: trains, never evaluated", "photos": len(next(iter(groups.values())))}
-        rng = random.Random(f"{cfg.split.seed}:{label}:cap")
-        for split in SPLITS:
-            chosen = sorted((p for g, ps in groups.items() if assignment[g] == split for p in ps),
-                            key=lambda p: (p.rrdc_no, p.file))
-            cap = caps.get(split)
-            if split == "train" and fill.get("train"):  # a fill target is also the class's training size
-                cap = min(int(cap), int(fill.train)) if cap is not None else fill.train
-            originals = [Sample(str(p.path), p.sha256, p.rrdc_no, index[label], split)
-                         for p in sorted(_cap(chosen, cap, rng), key=lambda p: (p.rrdc_no, p.file))]
-            samples.extend(originals)
-            if split == "train":
-                samples.extend(replace(s, view=v) for s in originals for v in range(1, train_views + 1))
-                samples.extend(_fill(originals, fill.get("train"), first_view=train_views + 1))
-            elif split == "test" and fill_test:
-                if not fill.get("test"):
-                    raise ValueError("dataset.test_fill_with_generated=true needs dataset.fill.test (per-class size)")
-                samples.extend(_fill(originals, fill.test))
+    for i, label in enumerate(classes):
+        samples.extend(_class_samples(cfg, i, label, _groups(by_class[label], clusters_of[label]), cuts, fates))
     spec = DatasetSpec(str(cfg.name), classes, samples, skipped, removed, clusters, protocol=protocol(cfg),
                        codes=fates)
     spec = _drop_untrained_classes(spec, cuts)
     if verbose:
         report_codes(spec, len(all_codes))
     return spec
+
+
+def _check_split_values(cfg: DictConfig, by: str) -> None:
+    fractions = {s: float(cfg.split[s]) for s in SPLITS}
+    if by == "ruling" and abs(sum(fractions.values()) - 1) > 1e-6 or min(fractions.values()) < 0:
+        raise ValueError(f"dataset.split fractions must be >= 0 and sum to 1, got {fractions}")
+    singletons = str((cfg.get("long_tail") or {}).get("singletons") or "train")
+    if singletons not in ("train", "drop"):
+        raise ValueError(f"dataset.long_tail.singletons={singletons!r}: choose train (a code with one split unit "
+                         "trains, never evaluated) or drop")
+
+
+def _assign(cfg: DictConfig, label: str, groups: dict[str, list[Photo]], cuts: list[str] | None,
+            fates: dict) -> dict[str, str]:
+    """Each split unit (a ruling, or rulings linked by near-duplicates) of one class -> its split; records in
+    `fates` a class that can only train (or is dropped) because it has a single unit."""
+    singletons = str((cfg.get("long_tail") or {}).get("singletons") or "train")
+    if cuts:
+        assignment = split_by_date(groups, cuts)
+        if len(groups) == 1 and all(v == "train" for v in assignment.values()):
+            fates[label] = {"fate": "train_only", "reason": "singleton: its one split unit is dated before "
+                            f"{cuts[0]}: trains, never evaluated", "photos": len(next(iter(groups.values())))}
+        return assignment
+    if len(groups) == 1:  # one ruling (or one near-duplicate unit): it cannot be both learned and tested
+        unit = next(iter(groups))
+        fates[label] = {"fate": "train_only" if singletons == "train" else "dropped",
+                        "reason": f"singleton: one split unit ({len(groups[unit])} photos); "
+                                  f"long_tail.singletons={singletons}", "photos": len(groups[unit])}
+        return {unit: "train" if singletons == "train" else "dropped"}
+    fractions = {s: float(cfg.split[s]) for s in SPLITS}
+    return split_by_ruling(groups, fractions, int(cfg.split.seed), label)
+
+
+def _class_samples(cfg: DictConfig, index: int, label: str, groups: dict[str, list[Photo]],
+                   cuts: list[str] | None, fates: dict) -> list[Sample]:
+    """One class's samples: its units split, each split capped per class, training (and, only when asked, test)
+    filled with generated copies."""
+    caps, fill = cfg.get("per_class") or {}, cfg.get("fill") or {}
+    train_views = int(cfg.get("train_views", 0) or 0)
+    assignment = _assign(cfg, label, groups, cuts, fates)
+    rng = random.Random(f"{cfg.split.seed}:{label}:cap")
+    samples: list[Sample] = []
+    for split in SPLITS:
+        chosen = sorted((p for g, ps in groups.items() if assignment[g] == split for p in ps),
+                        key=lambda p: (p.rrdc_no, p.file))
+        cap = caps.get(split)
+        if split == "train" and fill.get("train"):  # a fill target is also the class's training size
+            cap = min(int(cap), int(fill.train)) if cap is not None else fill.train
+        originals = [Sample(str(p.path), p.sha256, p.rrdc_no, index, split)
+                     for p in sorted(_cap(chosen, cap, rng), key=lambda p: (p.rrdc_no, p.file))]
+        samples.extend(originals)
+        if split == "train":
+            samples.extend(replace(s, view=v) for s in originals for v in range(1, train_views + 1))
+            samples.extend(_fill(originals, fill.get("train"), first_view=train_views + 1))
+        elif split == "test" and bool(cfg.get("test_fill_with_generated", False)):
+            if not fill.get("test"):
+                raise ValueError("dataset.test_fill_with_generated=true needs dataset.fill.test (per-class size)")
+            samples.extend(_fill(originals, fill.test))
+    return samples
 
 
 def _quality_fates(store_codes, decodable, kept, conflict_cost) -> dict:

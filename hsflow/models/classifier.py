@@ -39,7 +39,7 @@ class HSClassifier(pl.LightningModule):
         super().__init__()
         if prefix is not None:  # the naive loop runs the frozen prefix as extraction does: channels-last
             prefix = prefix.to(memory_format=torch.channels_last)
-        self.prefix, self.suffix, self.head = prefix, suffix, head
+        self.prefix, self.suffix, self.head, self.num_classes = prefix, suffix, head, num_classes
         self.optimizer_factory, self.backbone_lr_scale, self.scheduler_name = optimizer, backbone_lr_scale, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # Keys: MLflow's UI makes a chart section of each part before '/' and orders sections by name, so the
@@ -49,6 +49,7 @@ class HSClassifier(pl.LightningModule):
         self.test_metrics = _metrics(num_classes, "test/")
         self.test_logits: list[torch.Tensor] = []
         self.input_dim = input_dim  # dims of one input without batch: 1 pooled vector, 3 feature map/image
+        self.val_photos: int | None = None  # validation photos the last epoch's metrics covered (all processes)
 
     def train(self, mode: bool = True):
         # The frozen prefix is a fixed function (as when its outputs are cached): its batch-norm layers must keep
@@ -62,34 +63,42 @@ class HSClassifier(pl.LightningModule):
         if x.dim() == self.input_dim + 2:  # (batch, views, ...): test-time augmentation, average the logits
             b, v = x.shape[:2]
             return self(x.flatten(0, 1)).view(b, v, -1).mean(1)
+        return self.head(self.embed(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads: the trainable suffix over the frozen prefix's output (cached, or computed here from
+        photos). The saved model's HSModel.embed gives the same values."""
         if self.prefix is not None:
             with torch.no_grad():
                 x = self.prefix(x)
-        return self.head(self.suffix(x))
+        return self.suffix(x)
 
     def _step(self, batch, metrics, stage: str):
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
         metrics.update(logits, y)
+        # sync_dist: under DDP the epoch's loss is the mean over processes (a no-op in one process); the TopK
+        # figures below are computed from every process's photos already, so their sync only confirms them.
         self.log("test/loss" if stage == "test" else f"curves/loss_{stage}", loss, on_step=False, on_epoch=True,
-                 prog_bar=stage != "test", batch_size=len(y))
+                 prog_bar=stage != "test", batch_size=len(y), sync_dist=True)
         return loss, logits
 
     def training_step(self, batch, _):
         return self._step(batch, self.train_metrics, "train")[0]
 
     def on_train_epoch_end(self):
-        self.log_dict(self.train_metrics.compute())
+        self.log_dict(self.train_metrics.compute(), sync_dist=True)
         self.train_metrics.reset()
 
     def validation_step(self, batch, _):
         self._step(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self):
-        values = self.val_metrics.compute()
-        self.log(VAL_TOP1, values.pop(VAL_TOP1), prog_bar=True)
-        self.log_dict(values)
+        values = self.val_metrics.compute()  # over every process's photos under DDP (each photo once)
+        self.val_photos = len(self.val_metrics.gathered()[1])
+        self.log(VAL_TOP1, values.pop(VAL_TOP1), prog_bar=True, sync_dist=True)
+        self.log_dict(values, sync_dist=True)
         self.val_metrics.reset()
 
     def on_test_epoch_start(self):
@@ -101,8 +110,8 @@ class HSClassifier(pl.LightningModule):
         self.test_logits.append(logits.detach().float().cpu())
 
     def on_test_epoch_end(self):
-        # Not reset: train.py reads the test photos' top-k (test_metrics.states()) for bands, hierarchy, confusion.
-        self.log_dict(self.test_metrics.compute())
+        # Not reset: a caller may read the test photos' top-k (test_metrics.states()) after Lightning's test loop.
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
 
     def configure_optimizers(self):
         # A lower learning rate for unfrozen backbone stages than for the new head (fine-tuning convention).

@@ -48,7 +48,7 @@ def _given(value) -> bool:
 
 class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from hsflow.models.package import HSModel
+        from hsflow.bundle import HSModel
 
         self.model = HSModel.load(Path(context.artifacts["meta.json"]).parent)
         config = context.model_config or {}

@@ -1,0 +1,19 @@
+"""The network of a saved model: frozen prefix + trained suffix + head, rebuilt from meta.json's facts."""
+from __future__ import annotations
+
+from torch import nn
+
+from hsflow.data.transforms import spec_id
+from hsflow.models.backbones import build_backbone, split_backbone
+from hsflow.models.classifier import build_head
+
+
+def assemble(prefix: nn.Module, suffix: nn.Module, head: nn.Module) -> nn.Sequential:
+    return nn.Sequential(prefix, suffix, head)
+
+
+def build_network(meta: dict) -> nn.Sequential:
+    bb = build_backbone(meta["backbone"], pretrained=False)
+    net = split_backbone(bb, meta["unfreeze"], spec_id(meta["preprocess"]))
+    head = build_head(net.dim, len(meta["classes"]), meta["head"]["hidden"], meta["head"]["dropout"])
+    return assemble(net.prefix, net.suffix, head)

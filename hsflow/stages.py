@@ -1,0 +1,507 @@
+"""The training run as stages over one RunContext; `hsflow.train.run` lists them in order.
+
+Each stage reads what earlier stages put on the context and adds its own part, so each can be run and tested on
+its own on a tiny dataset (tests/test_stages.py). This module loads the heavy stack (torch, Lightning, MLflow) at
+import: `hsflow.train` imports it only after the config's cheap checks, so a dataset that selects nothing fails in
+about a second.
+
+Under DDP (`trainer=ddp`) every process runs the stages up to and including `fit` (Lightning starts the other
+processes inside `fit` by running the same command again); the stages after it (calibration, refit, test, unknown
+score, model, plots) run on rank zero alone, on one device, over every photo once. Only rank zero opens an MLflow
+run.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import mlflow
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
+
+from hsflow import calibration, evaluation, metrics, precedents, tracking, unknown
+from hsflow.bundle import HSModel
+from hsflow.data.builder import SPLITS, DatasetSpec, Sample, build_dataset, spec_summary
+from hsflow.data.datamodule import HSDataModule
+from hsflow.data.loading import PhotoDataset, default_workers
+from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id
+from hsflow.features import FeatureCache, extract
+from hsflow.models.backbones import SplitNet, build_backbone, split_backbone
+from hsflow.models.classifier import VAL_TOP1, HSClassifier, build_head
+from hsflow.models.network import assemble
+from hsflow.timing import EpochTimer, StageClock
+
+log = logging.getLogger("hsflow.train")
+
+
+@dataclass
+class RunContext:
+    """What the stages share. Filled in stage order; a field is None until its stage has run."""
+    cfg: DictConfig
+    clock: StageClock = field(default_factory=StageClock)
+    started: float = field(default_factory=time.perf_counter)
+    rank_zero: bool = True            # False in DDP's other processes: they fit, then leave
+    device: str = "cpu"
+    workers: int = 0                  # decoding processes, decided once for every loader
+    resume_from: str | None = None    # the checkpoint of the run being resumed
+    spec: DatasetSpec | None = None
+    summary: dict = field(default_factory=dict)
+    pre: dict = field(default_factory=dict)  # preprocessing: size, resize, mean, std
+    net: SplitNet | None = None
+    dm: HSDataModule | None = None
+    refit_train: Dataset | None = None       # training + validation rulings, for the refit
+    module: HSClassifier | None = None
+    suffix_init: dict = field(default_factory=dict)  # the trainable stages as they started (the refit starts there)
+    run_id: str | None = None
+    world_size: int = 1
+    val_top1: float = math.nan
+    calibration: dict = field(default_factory=lambda: {"temperature": 1.0, "review_threshold": 0.0})
+    figures: dict = field(default_factory=dict)      # test/... figures, logged and returned
+    test_topk: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+    scorer: unknown.UnknownScorer | None = None
+    embeddings: dict = field(default_factory=dict)   # split -> (original samples, embeddings) under the final model
+    marks: dict = field(default_factory=dict)        # perf_counter when preparing and fitting ended
+
+    def checkpoint_dir(self) -> Path:
+        """Where each epoch's checkpoint goes: the run's output folder, or the resumed run's own."""
+        return Path(self.resume_from).parent if self.resume_from else Path(self.cfg.paths.output_dir) / "checkpoints"
+
+    def labels(self, split: str) -> torch.Tensor:
+        return torch.tensor([s.label for s in self.spec.split(split)], dtype=torch.long)
+
+    def result(self) -> dict:
+        """What `hsflow.train.run` returns: the run id, every test figure (keys with `_` for `/`), val top-1."""
+        return {"run_id": self.run_id, **{k.replace("/", "_"): float(v) for k, v in self.figures.items()},
+                "val_top1": self.val_top1}
+
+
+def every_rank(stage):
+    """Marks a stage every DDP process runs (the others run on rank zero alone)."""
+    stage.every_rank = True
+    return stage
+
+
+def execute(cfg: DictConfig, stages: list) -> dict | None:
+    """Run the stages in order over a new context. Returns ctx.result() on rank zero, None in DDP's other processes.
+    A failure ends the open MLflow run as FAILED (KILLED on Ctrl-C), as `with mlflow.start_run()` would."""
+    ctx = RunContext(cfg)
+    try:
+        for stage in stages:
+            if ctx.rank_zero or getattr(stage, "every_rank", False):
+                stage(ctx)
+    except BaseException as exc:
+        if ctx.run_id is not None and mlflow.active_run() is not None:
+            mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    return ctx.result() if ctx.rank_zero else None
+
+
+# --- before the fit: every process ----------------------------------------------------------------------------------
+
+@every_rank
+def setup(ctx: RunContext) -> None:
+    """Values checked before any work, the device, decoding workers, the seed, and the checkpoint of a resumed run
+    (a resume without one fails here, before minutes of dataset building and feature extraction)."""
+    cfg = ctx.cfg
+    if cfg.features not in ("cached", "naive"):
+        raise ValueError(f"features={cfg.features!r}: choose cached or naive")
+    if int(cfg.refit.val_weight) < 1:
+        raise ValueError(f"refit.val_weight={cfg.refit.val_weight!r}: give 1 or more (times a validation photo counts)")
+    ctx.device = device_of(cfg)
+    workers = default_workers(ctx.device) if cfg.num_workers is None else cfg.num_workers
+    if not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"num_workers={cfg.num_workers!r}: give 0 or more decoding processes, or null for automatic")
+    ctx.workers = workers
+    ctx.rank_zero = rank_zero_only.rank == 0  # from the environment Lightning's DDP launcher gives its processes
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    mlflow.set_tracking_uri(str(cfg.logger.tracking_uri))
+    if cfg.get("resume"):
+        ctx.resume_from = resume_checkpoint(str(cfg.resume))
+
+
+@every_rank
+def dataset(ctx: RunContext) -> None:
+    """The dataset variant: classes, the split (by date or by ruling), generated copies."""
+    spec = build_dataset(ctx.cfg.dataset, ctx.cfg.paths.raw_store, cache_dir=ctx.cfg.paths.cache_dir)
+    ctx.clock.mark("dataset")
+    if not spec.split("train") or not spec.split("test"):
+        raise ValueError(f"dataset {spec.name}: empty train or test split ({spec_summary(spec)['photos']})")
+    ctx.spec, ctx.summary = spec, spec_summary(spec)
+    log.info("dataset %s: %s", spec.name, ctx.summary)
+
+
+@every_rank
+def network(ctx: RunContext) -> None:
+    """The backbone with its ImageNet weights, cut into a frozen prefix and a trainable suffix."""
+    ctx.pre = preprocess_spec(ctx.cfg.model)
+    bb = build_backbone(ctx.cfg.model.name, ctx.cfg.model.pretrained, ctx.cfg.model.allow_download)
+    ctx.net = split_backbone(bb, ctx.cfg.model.unfreeze, spec_id(ctx.pre))
+
+
+@every_rank
+def data(ctx: RunContext) -> None:
+    """The DataModule: the frozen prefix's outputs from the feature cache (computed once per photo and generated
+    copy), or the photos themselves (`features=naive`: the prefix runs every step); and the refit's training set."""
+    labels = {sp: ctx.labels(sp) for sp in SPLITS}
+    common = dict(batch_size=int(ctx.cfg.batch_size), seed=int(ctx.cfg.seed))
+    weight = int(ctx.cfg.refit.val_weight)
+    if ctx.cfg.features == "cached":
+        feats = cached_features(ctx)
+        ctx.dm = HSDataModule.from_features(feats, labels, **common)
+        # Validation joins training as plain views (its mirrored TTA copy is a test-time device only).
+        val_plain = feats["val"][:, 0] if ctx.cfg.tta else feats["val"]
+        ctx.refit_train = ConcatDataset([ctx.dm.splits["train"]] + [TensorDataset(val_plain, labels["val"])] * weight)
+        ctx.clock.mark("features")
+        return
+    augmenter, resize = augmenter_of(ctx), ctx.pre["resize"]
+    preprocess = build_preprocess(ctx.pre)
+    ctx.dm = HSDataModule({sp: PhotoDataset(ctx.spec.split(sp), preprocess, augmenter, resize,
+                                            tta=bool(ctx.cfg.tta) and sp != "train") for sp in SPLITS},
+                          num_workers=ctx.workers, **common)
+    val_photos = PhotoDataset(ctx.spec.split("val"), preprocess, augmenter, resize)
+    ctx.refit_train = ConcatDataset([ctx.dm.splits["train"]] + [val_photos] * weight)
+
+
+@every_rank
+def module(ctx: RunContext) -> None:
+    """The LightningModule: a new head (seeded) over the trainable suffix."""
+    prefix = None if ctx.cfg.features == "cached" else ctx.net.prefix
+    ctx.module = make_module(ctx.cfg, ctx.net, len(ctx.spec.classes), prefix)
+    ctx.suffix_init = copy.deepcopy(ctx.module.suffix.state_dict())  # the refit starts the suffix from here
+    ctx.marks["prepared"] = time.perf_counter()
+
+
+def open_run(ctx: RunContext) -> None:
+    """The MLflow run (rank zero only): params, tags, resolved config, dataset fingerprint and split."""
+    cfg, resume = ctx.cfg, ctx.cfg.get("resume") or None
+    exp_id = tracking.experiment_id(cfg)
+    active = mlflow.start_run(run_id=resume, experiment_id=None if resume else exp_id,
+                              run_name=None if resume else cfg.logger.get("run_name"))
+    ctx.run_id = active.info.run_id
+    if resume is None:
+        tracking.log_start(cfg, ctx.spec, ctx.summary)
+        mlflow.set_tag("hsflow.checkpoint_dir", str(ctx.checkpoint_dir().resolve()))
+    else:
+        log.info("resuming run %s from %s", ctx.run_id, ctx.resume_from)
+
+
+@every_rank
+def fit(ctx: RunContext) -> None:
+    """Lightning's fit on the training rulings, validated each epoch on the validation rulings. Under DDP the other
+    processes start here and leave after it; rank zero goes on alone, on one device."""
+    cfg = ctx.cfg
+    logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri,
+                          run_id=ctx.run_id)  # other DDP ranks: never used (Lightning logs from rank zero only)
+    # Every epoch replaces the one checkpoint (last.ckpt links to it): a kill loses at most the epoch in flight.
+    checkpoint = ModelCheckpoint(dirpath=ctx.checkpoint_dir(), save_last="link", save_top_k=1, every_n_epochs=1)
+    epochs = EpochTimer()
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[checkpoint, epochs])
+    with threads(fit_threads(cfg, ctx.device)):
+        trainer.fit(ctx.module, datamodule=ctx.dm, ckpt_path=ctx.resume_from)
+    ctx.marks["fitted"] = time.perf_counter()
+    ctx.clock.mark("fit", epochs=len(epochs.seconds), epoch_seconds=epochs.seconds,
+                   epoch_cpu_seconds=epochs.cpu_seconds, train_photos=len(ctx.dm.splits["train"]))
+    val = trainer.callback_metrics.get(VAL_TOP1)  # sweepers optimize this value
+    ctx.val_top1 = float(val) if val is not None else math.nan
+    ctx.world_size, ctx.rank_zero = trainer.world_size, trainer.is_global_zero
+    if ctx.world_size > 1:
+        leave_process_group(ctx)
+
+
+# --- after the fit: rank zero, one device ---------------------------------------------------------------------------
+
+def calibrate(ctx: RunContext) -> None:
+    """Every choice on the validation period, with the model fitted on training rulings only: the temperature,
+    ECE before and after, and the review threshold for the target precision."""
+    cfg = ctx.cfg
+    if cfg.calibration.enabled:
+        val_logits, val_y = split_logits(ctx.module, ctx.dm, "val")
+        t = calibration.fit_temperature(val_logits, val_y)
+        probs = torch.softmax(val_logits / t, 1)
+        ctx.calibration = {"temperature": t, "review_threshold": calibration.review_threshold(
+            probs, val_y, float(cfg.calibration.target_precision))}
+        mlflow.log_metrics({"val/ece_before": calibration.ece(torch.softmax(val_logits, 1), val_y),
+                            "val/ece_after": calibration.ece(probs, val_y), "val/temperature": t,
+                            "val/review_threshold": ctx.calibration["review_threshold"]})
+    if ctx.module.val_photos is not None:
+        mlflow.log_metric("val/photos", ctx.module.val_photos)  # every validation photo counted once, DDP too
+    ctx.clock.mark("calibrate")
+
+
+def refit(ctx: RunContext) -> None:
+    """The final model: the same configuration trained again, from the same seed and for the same epochs, on
+    training + validation rulings, after every choice was made on validation. The test period stays untouched; the
+    refit's own curves are not logged (there is no held-out period left to draw them on)."""
+    if not ctx.cfg.refit.enabled:
+        return
+    suffix = copy.deepcopy(ctx.net.suffix)
+    suffix.load_state_dict(ctx.suffix_init)  # unfrozen stages start again from ImageNet, as the first fit did
+    refitted = make_module(ctx.cfg, ctx.net, len(ctx.spec.classes), ctx.module.prefix, suffix)
+    dm = ctx.dm
+    data = HSDataModule({"train": ctx.refit_train, "val": dm.splits["val"], "test": dm.splits["test"]},
+                        batch_size=dm.batch_size, num_workers=dm.num_workers, seed=dm.seed)
+    trainer: pl.Trainer = instantiate(ctx.cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+                                      limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+                                      **one_device(ctx))
+    with threads(fit_threads(ctx.cfg, ctx.device)):
+        trainer.fit(refitted, datamodule=data)
+    ctx.module = refitted
+    mlflow.log_metric("refit_minutes", (time.perf_counter() - ctx.marks["fitted"]) / 60)
+    ctx.clock.mark("refit")
+
+
+def test(ctx: RunContext) -> None:
+    """The test figures: top-k (micro and macro), loss, top-1 by frequency band, and with 95 % intervals over
+    rulings top-1/top-3/chapter/heading and what the review flag lets through (hsflow.evaluation)."""
+    cfg, spec, mod = ctx.cfg, ctx.spec, ctx.module
+    logits, y = split_logits(mod, ctx.dm, "test")
+    ctx.test_topk, ctx.test_labels = logits.topk(min(3, logits.shape[1]), dim=1).indices, y
+    figures = {f"test/{k}": v for k, v in metrics.summarize(ctx.test_topk, y, len(spec.classes)).items()}
+    figures["test/loss"] = float(mod.loss(logits, y))
+    figures |= evaluation.period_figures(logits, y, [s.rrdc_no for s in spec.split("test")], spec.classes,
+                                         ctx.calibration["temperature"], ctx.calibration["review_threshold"])
+    train_counts = torch.bincount(ctx.labels("train"), minlength=len(spec.classes)).tolist()
+    bands = cfg.get("frequency_bands") or {"head_from": 100, "tail_below": 10}
+    band = metrics.band_of(train_counts, int(bands["head_from"]), int(bands["tail_below"]))
+    figures |= {f"test/{k}": v for k, v in metrics.band_top1(ctx.test_topk, y, band).items()}
+    ctx.figures = figures
+    prepared, fitted = ctx.marks["prepared"], ctx.marks["fitted"]
+    mlflow.log_metrics(figures | {"prepare_minutes": (prepared - ctx.started) / 60,
+                                  "fit_minutes": (fitted - prepared) / 60})
+    log.info("test (%s): top-1 %s, top-3 %s, unflagged %.2f of photos at precision %s", spec.protocol,
+             evaluation.interval_text(figures, "test/top1"), evaluation.interval_text(figures, "test/top3"),
+             figures["test/unflagged_coverage"], evaluation.interval_text(figures, "test/unflagged_precision"))
+    ctx.clock.mark("test")
+
+
+def unknown_score(ctx: RunContext) -> None:
+    """The unknown score: the training originals' embeddings as its bank, its threshold fitted on validation
+    (hsflow.unknown), with its rates on validation, test and, when codes were held out, on their photos."""
+    if not ctx.cfg.unknown.enabled:
+        return
+    _, train = split_embeddings(ctx, "train")
+    _, val = split_embeddings(ctx, "val")
+    if not len(val):
+        print(f"warning: dataset {ctx.spec.name}: no validation photos, so no unknown threshold can be fitted; the "
+              "model is saved without an unknown score", file=sys.stderr, flush=True)
+        return
+    scorer = unknown.fit(train, val, int(ctx.cfg.unknown.k), float(ctx.cfg.unknown.max_val_rate))
+    _, test_emb = split_embeddings(ctx, "test")
+    rates = {"val/unknown_threshold": scorer.threshold, "val/unknown_rate": scorer.val_rate,
+             "test/unknown_rate": float(scorer.decide(scorer.score(test_emb)).float().mean())}
+    samples, photos = unknown.heldout_photos(ctx.cfg)
+    if samples:
+        feats = extract(samples, ctx.net.prefix, build_preprocess(ctx.pre),
+                        FeatureCache(ctx.cfg.paths.cache_dir, ctx.net.cache_id), batch_size=int(ctx.cfg.batch_size),
+                        device=ctx.device, draft_size=ctx.pre["resize"], desc="held-out codes")
+        rates["test/heldout_unknown_rate"], details = unknown.heldout_rates(scorer, photos, embed(ctx.module, feats))
+        mlflow.log_dict(details, "unknown/heldout_codes.json")
+    mlflow.log_metrics(rates)
+    ctx.scorer = scorer
+    ctx.clock.mark("unknown")
+
+
+def package(ctx: RunContext) -> None:
+    """The saved model folder (network, classes, preprocessing, calibration, unknown score, precedent index) logged
+    as an MLflow model. First among the logging stages: what follows (plots) may fail at some scale, and must not
+    lose a trained run."""
+    if ctx.cfg.logger.log_model:
+        full = assemble(ctx.net.prefix, ctx.module.suffix, ctx.module.head).cpu().eval()
+        index, ctx.figures["test/precedent_top1"] = precedent_index(ctx)
+        mlflow.log_metric("test/precedent_top1", ctx.figures["test/precedent_top1"])
+        tracking.log_model(HSModel(full, model_meta(ctx), precedents=index, unknown=ctx.scorer), ctx.cfg)
+    ctx.clock.mark("log_model")
+
+
+def plots(ctx: RunContext) -> None:
+    """Curves and the confusion views; each one guarded (a failed plot is one warning line, the run is kept)."""
+    pairs = metrics.confusion_pairs(ctx.test_topk[:, 0], ctx.test_labels)
+    classes = ctx.spec.classes
+    title = f"{ctx.cfg.model.name} on {ctx.spec.name}: test top-1 {ctx.figures['test/top1']:.3f}"
+    failed = [f for f in (
+        tracking.guarded("plots/curves.png", tracking.log_curves, ctx.run_id),
+        tracking.guarded("the confusion matrix", tracking.log_confusion, pairs, classes, title),
+        tracking.guarded("plots/confused_pairs.png", tracking.log_confused_pairs, pairs, classes, title),
+        tracking.guarded("plots/confusion_chapters.png", tracking.log_chapter_confusion, pairs, classes, title),
+        tracking.guarded("plots/confusion_headings.png", tracking.log_heading_confusion, pairs, classes, title),
+    ) if f]
+    ctx.clock.mark("plots", failed=len(failed))
+
+
+def close(ctx: RunContext) -> None:
+    """Total time, each stage's time and memory, the run's description; the run ends FINISHED."""
+    mlflow.log_metric("total_minutes", (time.perf_counter() - ctx.started) / 60)
+    tracking.guarded("timings.json", mlflow.log_dict, ctx.clock.as_dict(), "timings.json")
+    tracking.guarded("the run description", tracking.log_note, ctx.cfg, ctx.summary,
+                     {**ctx.figures, VAL_TOP1: ctx.val_top1})
+    mlflow.end_run()
+    if ctx.cfg.get("timings_file"):
+        ctx.clock.write(ctx.cfg.timings_file)
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------------
+
+def device_of(cfg: DictConfig) -> str:
+    return "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+
+
+def augmenter_of(ctx: RunContext) -> Augmenter | None:
+    if not any(s.view > 0 for s in ctx.spec.samples):
+        return None
+    return Augmenter(ctx.cfg.dataset.augment, Path(ctx.cfg.paths.cache_dir) / "generated")
+
+
+def cached_features(ctx: RunContext) -> dict[str, torch.Tensor]:
+    """Each split's prefix outputs, aligned with its samples, computing only what the cache lacks; with `tta`,
+    validation and test also get their mirror images' (stacked as a second view)."""
+    cfg, net = ctx.cfg, ctx.net
+    cache, preprocess, augmenter = FeatureCache(cfg.paths.cache_dir, net.cache_id), build_preprocess(ctx.pre), \
+        augmenter_of(ctx)
+    common = dict(batch_size=int(cfg.batch_size), num_workers=ctx.workers, device=ctx.device,
+                  draft_size=ctx.pre["resize"])
+    feats = {}
+    for sp in SPLITS:
+        samples = ctx.spec.split(sp)
+        feats[sp] = extract(samples, net.prefix, preprocess, cache, augmenter=augmenter,
+                            desc=f"{cfg.model.name} features {sp}", **common)
+        if cfg.tta and sp != "train":
+            mirrored = extract([replace(s, view=-1) for s in samples], net.prefix, preprocess, cache,
+                               augmenter=Mirror(), desc=f"mirror {sp}", **common)
+            feats[sp] = torch.stack([feats[sp], mirrored], dim=1)
+    return feats
+
+
+def make_module(cfg: DictConfig, net: SplitNet, num_classes: int, prefix, suffix=None) -> HSClassifier:
+    """A fresh LightningModule (new head, seeded) over the split backbone: the same call for the model chosen on
+    validation and for its refit on train + validation (which passes a fresh copy of the trainable stages).
+    Re-seeded: feature extraction draws from the global RNG only when the cache is cold, so without it the head's
+    init and the dropout stream would depend on what was cached (cached vs naive, warm vs cold runs)."""
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    head = build_head(net.dim, num_classes, cfg.model.head.hidden, cfg.model.head.dropout)
+    return HSClassifier(net.suffix if suffix is None else suffix, head, num_classes, instantiate(cfg.optimizer),
+                        backbone_lr_scale=cfg.model.backbone_lr_scale, label_smoothing=cfg.label_smoothing,
+                        scheduler=cfg.scheduler, prefix=prefix,
+                        input_dim=1 if prefix is None and str(cfg.model.unfreeze) == "0" else 3)
+
+
+def resume_checkpoint(run_id: str) -> str:
+    """The last checkpoint of an interrupted run, or a one-line error saying why there is none."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ValueError(f"resume={run_id}: no such MLflow run in {mlflow.get_tracking_uri()}") from None
+    folder = run.data.tags.get("hsflow.checkpoint_dir")
+    last = Path(folder or ".") / "last.ckpt"
+    if not folder or not last.is_file():
+        raise ValueError(f"resume={run_id}: no checkpoint at {last}; start a new run instead")
+    return str(last)
+
+
+def fit_threads(cfg: DictConfig, device: str) -> int:
+    """CPU threads for the fit. On cached features the head's matrices are small: a second thread synchronises
+    more than it computes, and on a busy 2-core machine spins idle (head epoch at 42 codes: 0.5 s with one thread,
+    4 s with two, measured beside other jobs). `fit_threads: null` means one thread there, torch's default else."""
+    if cfg.get("fit_threads"):
+        return int(cfg.fit_threads)
+    head_only = cfg.features == "cached" and str(cfg.model.unfreeze) == "0" and device == "cpu"
+    return 1 if head_only else torch.get_num_threads()
+
+
+@contextmanager
+def threads(n: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def leave_process_group(ctx: RunContext) -> None:
+    """After a DDP fit: every process leaves the process group, so rank zero's later stages (refit, test) run as
+    one process on one device, and the others end here (execute skips the rank-zero stages for them)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def one_device(ctx: RunContext) -> dict:
+    """Trainer overrides for rank zero's refit after a DDP fit: one device, no distributed strategy."""
+    return {"devices": 1, "strategy": "auto", "num_nodes": 1} if ctx.world_size > 1 else {}
+
+
+def split_logits(mod: HSClassifier, dm: HSDataModule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's logits (TTA views averaged by the module) and labels, in split order, on this process alone."""
+    mod.eval()
+    outs, ys = [], []
+    with torch.no_grad():
+        for x, y in dm.ordered_dataloader(split):
+            outs.append(mod(x.to(mod.device)).float().cpu())
+            ys.append(y)
+    return (torch.cat(outs), torch.cat(ys)) if outs else (torch.empty(0, mod.num_classes), torch.empty(0).long())
+
+
+@torch.no_grad()
+def embed(mod: HSClassifier, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Embeddings (what the head reads) of inputs the module takes: cached prefix outputs or photos."""
+    mod.eval()
+    out = [mod.embed(x[i: i + batch_size].to(mod.device)).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def split_embeddings(ctx: RunContext, split: str) -> tuple[list[Sample], torch.Tensor]:
+    """A split's original photos and their embeddings under the final model (HSModel.embed's values), computed once
+    and shared by the unknown score and the precedent index."""
+    if split not in ctx.embeddings:
+        samples = ctx.spec.split(split)
+        keep = [i for i, s in enumerate(samples) if s.view == 0]
+        loader = HSDataModule({split: Subset(ctx.dm.splits[split], keep)}, batch_size=int(ctx.cfg.batch_size),
+                              num_workers=ctx.workers).ordered_dataloader(split)
+        mod = ctx.module.eval()
+        with torch.no_grad():
+            out = [mod.embed(first_view(mod, x.to(mod.device))).float().cpu() for x, _ in loader]
+        ctx.embeddings[split] = ([samples[i] for i in keep], torch.cat(out) if out else torch.empty(0))
+    return ctx.embeddings[split]
+
+
+def first_view(mod: HSClassifier, x: torch.Tensor) -> torch.Tensor:
+    """The photo itself from a (batch, views, ...) TTA input; other inputs as they are."""
+    return x[:, 0] if x.dim() == mod.input_dim + 2 else x
+
+
+def precedent_index(ctx: RunContext) -> tuple[precedents.PrecedentIndex, float]:
+    """The precedent index over every ruling the final model learned from (train, + validation when refit), and how
+    often the nearest training photo's code is the true code of a test photo (test/precedent_top1)."""
+    known = ("train", "val") if ctx.cfg.refit.enabled else ("train",)
+    parts = [split_embeddings(ctx, sp) for sp in known]
+    samples, emb = [s for part, _ in parts for s in part], torch.cat([e for _, e in parts])
+    index = precedents.build(samples, emb, ctx.spec.classes, ctx.cfg.paths.raw_store, k=int(ctx.cfg.precedents.k))
+    test, test_emb = split_embeddings(ctx, "test")
+    hits = [p == ctx.spec.classes[s.label] for p, s in zip(index.nearest_label(test_emb), test)]
+    return index, sum(hits) / max(1, len(hits))
+
+
+def model_meta(ctx: RunContext) -> dict:
+    """meta.json of the saved model: what rebuilds the network and every fact an answer or an audit needs."""
+    cfg = ctx.cfg
+    return {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze,
+            "head": {"hidden": int(cfg.model.head.hidden), "dropout": float(cfg.model.head.dropout)},
+            "classes": ctx.spec.classes, "preprocess": ctx.pre, "tta": bool(cfg.tta), **ctx.calibration,
+            "run_id": ctx.run_id, "dataset": ctx.spec.name, "dataset_fingerprint": ctx.summary["fingerprint"],
+            "split_protocol": ctx.spec.protocol, "refit": bool(cfg.refit.enabled),
+            "refit_val_weight": int(cfg.refit.val_weight), "test_top1": float(ctx.figures["test/top1"])}
