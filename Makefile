@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: install train test bench bench-scale ui serve review crawl-demo clean
+.PHONY: install train test test-fast bench bench-scale ui serve review crawl-demo clean
 
 # Re-install only when the project's requirements change.
 .venv/.installed: pyproject.toml
@@ -29,6 +29,9 @@ train: install            ## train the default model on the shipped demo (offlin
 
 test: install             ## run the test suite
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: install        ## while editing: the in-process unit tests only (no training CLI, server or crawl), < 2 min
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 bench: install            ## speed figures side by side -> bench/results.json
 	$(PY) -m hsflow.bench $(ARGS)

@@ -1,4 +1,4 @@
-"""Precedent figures for the README: `python bench/precedent_figures.py <run id>` over a make-train run (its 2019
+"""Precedent figures for docs/recommend.md: `python bench/precedent_figures.py <run id>` over a make-train run (its 2019
 (dated) test photos, through hsflow.recommend with precedents), and the size of each file in its model folder."""
 import csv
 import sys

@@ -8,7 +8,7 @@
 # scale asked for; 4 copies each would add ~100,000 forward passes). Extra arguments after the two numbers go to
 # hsflow.train after these (e.g. trainer.max_epochs=5).
 # On a CPU shared with other jobs, OMP_NUM_THREADS=1 keeps torch's threads from spinning on busy cores (the
-# README's table says which setting and what load it ran with).
+# the table in docs/scale.md says which setting and what load it ran with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10000}; M=${2:-3000}; shift $(( $# >= 2 ? 2 : $# ))

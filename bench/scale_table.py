@@ -1,4 +1,4 @@
-"""The README's scale and GPU tables from bench/scale_3000.json, bench/scale_42.json and bench/gpu_results.json."""
+"""The scale and GPU tables of docs/scale.md and docs/benchmarks.md from bench/scale_3000.json, bench/scale_42.json and bench/gpu_results.json."""
 import json
 from pathlib import Path
 

@@ -2,7 +2,7 @@
 
 Grid layout (default): rows = epochs, columns = backbones, cells = test top-1, like the study's tables 2/4/6,
 then the best run's confusion matrix with code labels. List layout (`--layout list`): one row per run with
-top-1 / top-3 / chapter top-1 / minutes, for comparing configurations (the README's evidence table).
+top-1 / top-3 / chapter top-1 / minutes, for comparing configurations (docs/evaluation.md, "The search").
 The markdown is printed and logged as an artifact of a run named `report` in the same experiment.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Runs `mlflow models serve -m <model> --env-manager local --host 127.0.0.1`, so t
 deploys with MLflow (`mlflow models serve`, `mlflow models build-docker`). Without --model it serves the latest
 finished run with a logged model in the experiment `make train` logs to (MLflow's search API; --experiment and
 --filter narrow the search, e.g. --filter "params.\\`model.name\\` = 'efficientnet_lite0'"). POST photos to
-/invocations as base64 (README: "The three ways to ask").
+/invocations as base64 (docs/recommend.md: "The three ways to ask").
 """
 from __future__ import annotations
 

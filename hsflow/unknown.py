@@ -8,7 +8,7 @@ the model (`unknown.pt`, float16), the settings and the threshold in meta.json u
 The threshold is fitted on the validation split only: the lowest score that calls at most 5 % of the validation
 photos unknown (`fit_threshold`, which receives nothing else). A photo above it is `unknown`: always needs_review,
 its candidates only the nearest trained codes. The choice of the score (kNN over prototypes, energy, max-logit and
-combinations) and its k were measured on out-of-scope photos, held-out codes and validation; see the README.
+combinations) and its k were measured on out-of-scope photos, held-out codes and validation; see docs/unknown.md.
 
 Every door asks the same function: `UnknownScorer.score` on an embedding batch, `UnknownScorer.decide` on scores
 (hsflow.recommend per photo, the MLflow pyfunc through it, training for its logged rates).

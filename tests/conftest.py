@@ -162,3 +162,17 @@ def net_guard(tmp_path: Path) -> tuple[dict, Path]:
 def hosts(log: Path) -> set[str]:
     """The hosts a guarded process looked up or connected to."""
     return {eval(line.split(" ", 1)[1]) for line in log.read_text().splitlines()} if log.exists() else set()
+
+
+# -- the fast tier: `make test-fast` runs `pytest -m "not slow"`, the in-process unit tests (under 2 minutes) -------
+# Slow: a test that needs a model trained through the command line, a server, a crawl, a sweep or another process
+# that trains; whole modules of them are listed here, single tests carry @pytest.mark.slow.
+SLOW_FIXTURES = {"tiny_run", "two_runs", "rest", "full_crawl"}
+SLOW_MODULES = {"test_ddp", "test_offline", "test_sweeps", "test_mlflow_server", "test_resume", "test_cache",
+                "test_review", "test_runtime"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(item.fixturenames) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

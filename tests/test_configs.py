@@ -73,6 +73,7 @@ def test_every_trainer_instantiates(name):
     (["dataset.split.by=month"], "split.by"),
     (["dataset.split.cuts=[2018-01-01,2030-01-01]"], "leave the test period empty"),
 ])
+@pytest.mark.slow
 def test_wrong_override_is_a_clear_error(overrides, expected, tmp_path):
     proc = subprocess.run([PY, "-m", "hsflow.train", *overrides, f"hydra.run.dir={tmp_path}",
                            f"logger.tracking_uri=sqlite:///{tmp_path}/m.db"], capture_output=True, text=True,

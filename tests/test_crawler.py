@@ -202,6 +202,7 @@ def test_rerun_over_complete_store_requests_no_detail_or_photo(full_crawl):
     assert portal.counts["detail"] == 0 and portal.counts["photo"] == 0
 
 
+@pytest.mark.slow
 @needs_archive
 def test_faults_same_end_state_after_at_most_one_rerun(tmp_path):
     """Error envelopes, 500s, slow answers (past the timeout), cut photo bodies, repeated items; small pages so
@@ -223,6 +224,7 @@ def test_faults_same_end_state_after_at_most_one_rerun(tmp_path):
     assert portal.counts["list"] > 0
 
 
+@pytest.mark.slow
 @needs_archive
 def test_kill_9_mid_crawl_then_rerun(tmp_path):
     store, years = tmp_path / "store", {"start": "2011-01-01", "end": "2011-12-31"}
@@ -242,6 +244,7 @@ def test_kill_9_mid_crawl_then_rerun(tmp_path):
     assert_store_matches(store, archive_records("2011-01-01", "2011-12-31"))
 
 
+@pytest.mark.slow
 @needs_archive
 def test_jobdir_pause_and_resume(tmp_path):
     store, job, year = tmp_path / "store", tmp_path / "job", {"start": "2011-01-01", "end": "2011-12-31"}
@@ -256,6 +259,7 @@ def test_jobdir_pause_and_resume(tmp_path):
     assert_store_matches(store, archive_records("2011-01-01", "2011-12-31"))
 
 
+@pytest.mark.slow
 @needs_archive
 def test_hostile_data_refused_logged_counted_and_crawl_goes_on(tmp_path):
     """A photo path escaping the store, a non-image, a decompression bomb, malformed detail HTML and list JSON, an
@@ -303,6 +307,7 @@ def test_bomb_is_small_on_disk_and_huge_decoded():
         open_rgb(data)
 
 
+@pytest.mark.slow
 def test_crawl_of_a_raw_store_gives_back_its_records(tiny_store, tmp_path):
     """What `make crawl-demo` does, on a few rulings of the shipped demo: the crawl reproduces the records."""
     with serve(tiny_store) as portal:
@@ -332,6 +337,7 @@ def guarded_env(tmp_path: Path) -> tuple[dict, Path]:
     return {**base, **guard, "TLDEXTRACT_CACHE": str(tmp_path / "tldextract")}, log
 
 
+@pytest.mark.slow
 def test_the_guard_sees_a_public_suffix_fetch(tmp_path):
     """The guard is not blind: tldextract left to its defaults reaches for the internet, and the guard names it."""
     e, log = guarded_env(tmp_path)
@@ -340,6 +346,7 @@ def test_the_guard_sees_a_public_suffix_fetch(tmp_path):
     assert hosts(log) - LOCAL, "the guard recorded no lookup of the public-suffix list's host"
 
 
+@pytest.mark.slow
 def test_crawl_reaches_the_portal_only_and_logs_no_traceback(tiny_store, tmp_path):
     """A normal `scrapy crawl` at LOG_LEVEL=WARNING: every lookup and connection goes to the portal's host (the
     public-suffix list comes from tldextract's bundled snapshot), and the log holds no traceback."""

@@ -3,6 +3,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -56,6 +57,7 @@ def _replace_test_year(store, noise_seed: int):
         path.write_text(json.dumps(rec))
 
 
+@pytest.mark.slow
 def test_choices_never_read_the_test_period(tiny_store, session_cache, tmp_path):
     """Temperature and review threshold come from validation: replacing the 2019 photos by noise (and refitting on
     train + validation) changes the test figures and leaves every fitted choice exactly as it was."""

@@ -79,6 +79,7 @@ def test_3000_classes_train_a_few_steps_in_deterministic_mode():
     torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_gloo(tmp_path):
     out = tmp_path / "ddp.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -160,6 +161,7 @@ def test_rare_codes_go_to_the_chapter_catch_all_or_are_dropped_and_named(long_ta
         _build(long_tail_store, tmp_path, "dataset.long_tail.rare=bin")
 
 
+@pytest.mark.slow
 def test_a_failing_plot_does_not_lose_the_trained_run(tiny_store, session_cache, tmp_path, monkeypatch):
     """A plot that raises MemoryError (as the 3,000 x 3,000 matrix did): model and run_id line still come."""
     code = ("import sys, hsflow.tracking as t\n"

@@ -49,6 +49,7 @@ def test_the_stages_before_the_fit_build_the_context(cfg):
     assert ctx.run_id is None  # no MLflow run before open_run
 
 
+@pytest.mark.slow
 def test_fit_trains_the_head_and_test_counts_every_test_photo(cfg):
     ctx = prepared(cfg)
     before = [p.detach().clone() for p in ctx.module.head.parameters()]

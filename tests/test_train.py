@@ -96,6 +96,7 @@ def test_corrupt_photo_is_skipped_with_a_warning_at_build_time(tiny_store, tmp_p
     assert len(spec.samples) == len(list((store / "photos").iterdir())) - 1
 
 
+@pytest.mark.slow
 def test_training_with_a_corrupt_photo_still_finishes(tiny_store, session_cache, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(tiny_store, store)
@@ -105,6 +106,7 @@ def test_training_with_a_corrupt_photo_still_finishes(tiny_store, session_cache,
     assert "empty file" in proc.stderr and proc.stdout.strip().splitlines()[-1].startswith("run_id=")
 
 
+@pytest.mark.slow
 def test_missing_weights_message_names_file_place_and_alternative(tmp_path):
     proc = train_cli("model=vgg16", "model.allow_download=false", f"hydra.run.dir={tmp_path}",
                      f"logger.tracking_uri=sqlite:///{tmp_path}/m.db", env={"TORCH_HOME": str(tmp_path / "th")})
@@ -123,6 +125,7 @@ def test_failed_download_becomes_the_same_message(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.pth"))
 
 
+@pytest.mark.slow
 def test_the_headline_command_on_the_demo_fails_in_seconds_with_one_line(tmp_path):
     """`python -m hsflow.train dataset=ch87_balanced model=vgg16` on a fresh clone (no VGG weights, no MLflow store):
     the dataset line comes first, before torch loads, weights are fetched or a photo is decoded."""

@@ -41,7 +41,7 @@ class Lambda(nn.Module):
 
 
 def pool() -> nn.Module:
-    """Global average pooling to a flat vector (used for every backbone; see README on VGG's Flatten)."""
+    """Global average pooling to a flat vector (used for every backbone; see docs/decisions.md on VGG's Flatten)."""
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
 
 
