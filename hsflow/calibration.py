@@ -1,7 +1,10 @@
 """Calibration on the validation split: temperature scaling, ECE, and the review threshold."""
 from __future__ import annotations
 
+import math
+
 import torch
+from scipy.stats import beta
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 
@@ -36,3 +39,44 @@ def review_threshold(probs: torch.Tensor, labels: torch.Tensor, target_precision
     if len(ok) == 0:
         return 1.0
     return float(conf[order][ok.max()])
+
+
+def precision_lower_bound(right: int, accepted: int, delta: float) -> float:
+    """One-sided (1 - delta) Clopper-Pearson lower bound of a precision seen as `right` of `accepted`."""
+    return float(beta.ppf(delta, right, accepted - right + 1)) if right > 0 else 0.0
+
+
+def review_threshold_bound(probs: torch.Tensor, labels: torch.Tensor, target_precision: float, delta: float = 0.1,
+                           sequential: bool = True, groups: list[str] | None = None) -> float:
+    """The review threshold with a confidence guarantee instead of a point estimate: the lowest top-probability
+    threshold whose accepted validation answers have a Clopper-Pearson lower bound of precision >= target at
+    confidence 1 - delta. `sequential` (Learn then Test, Angelopoulos et al. 2021: fixed-sequence testing from the
+    most confident threshold down, stopping at the first that fails) makes the guarantee hold for the threshold
+    chosen, not only for each one tried; the sequence starts where enough answers are accepted that a flawless record
+    could pass at all (ln delta / ln target of them: 45 at 0.95 and delta 0.1), a point read from the confidences
+    alone, not from which answers are right. `groups` (the photos' rulings) counts each ruling once, at its share of
+    right answers: photos of one ruling are near-copies, not independent trials. 1.0 when none passes."""
+    conf, pred = probs.max(dim=1)
+    order = torch.argsort(conf, descending=True)
+    right = (pred[order] == labels[order]).float().tolist()
+    confs = conf[order].tolist()
+    best, seen = 1.0, {}
+    n_min = math.ceil(math.log(delta) / math.log(target_precision))
+    for i, c in enumerate(confs):
+        if i + 1 < len(confs) and confs[i + 1] == c:
+            continue  # a threshold accepts every photo at its confidence: test only where the next one differs
+        if groups is None:
+            k, n = sum(right[: i + 1]), i + 1
+        else:
+            seen = {}
+            for j in range(i + 1):
+                seen.setdefault(groups[int(order[j])], []).append(right[j])
+            n = len(seen)
+            k = sum(sum(v) / len(v) for v in seen.values())
+        if n < n_min:
+            continue
+        if precision_lower_bound(round(k, 6), n, delta) >= target_precision:
+            best = c
+        elif sequential:
+            break
+    return float(best)

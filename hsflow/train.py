@@ -27,7 +27,8 @@ def _import_training_stack() -> None:
     checks (main), so a dataset that selects nothing fails in about a second. Binds the module's globals."""
     global mlflow, pl, torch, instantiate, ModelCheckpoint, MLFlowLogger, calibration, tracking, HSDataModule
     global Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id, FeatureCache, PhotoDataset, default_workers
-    global extract, WeightsMissing, build_backbone, split_backbone, HSClassifier, build_head, HSModel, assemble
+    global extract, WeightsMissing, build_backbone, split_backbone, HSClassifier, head_from_spec, head_spec, HSModel
+    global assemble
     global evaluation, precedents, metrics, unknown, ConcatDataset, TensorDataset, EpochTimer, StageClock
     import mlflow
     import pytorch_lightning as pl
@@ -44,7 +45,7 @@ def _import_training_stack() -> None:
     from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id
     from hsflow.features import FeatureCache, PhotoDataset, default_workers, extract
     from hsflow.models.backbones import WeightsMissing, build_backbone, split_backbone
-    from hsflow.models.classifier import HSClassifier, build_head
+    from hsflow.models.classifier import HSClassifier, head_from_spec, head_spec
     from hsflow.models.package import HSModel, assemble
 
 
@@ -66,11 +67,14 @@ def make_module(cfg: DictConfig, net, num_classes: int, prefix, suffix=None) -> 
     """A fresh LightningModule (new head, seeded) over the split backbone: the same call for the model chosen on
     validation and for its refit on train + validation (which passes a fresh copy of the trainable stages)."""
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    head = build_head(net.dim, num_classes, cfg.model.head.hidden, cfg.model.head.dropout)
+    head = head_from_spec(net.dim, num_classes, cfg.model.head)
+    ft = cfg.get("finetune") or {}
     return HSClassifier(net.suffix if suffix is None else suffix, head, num_classes, instantiate(cfg.optimizer),
                         backbone_lr_scale=cfg.model.backbone_lr_scale, label_smoothing=cfg.label_smoothing,
                         scheduler=cfg.scheduler, prefix=prefix,
-                        input_dim=1 if prefix is None and str(cfg.model.unfreeze) == "0" else 3)
+                        input_dim=1 if prefix is None and str(cfg.model.unfreeze) == "0" else 3,
+                        bn=ft.get("bn", "train"), warmup_epochs=ft.get("warmup_epochs", 0),
+                        train_crop=ft.get("train_crop"), supcon_weight=ft.get("supcon_weight", 0.0))
 
 
 def prepare(cfg: DictConfig, clock=None):
@@ -292,7 +296,7 @@ def run(cfg: DictConfig) -> dict:
         if cfg.logger.log_model:
             full = assemble(net.prefix, module.suffix, module.head).cpu().eval()
             meta = {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze,
-                    "head": {"hidden": int(cfg.model.head.hidden), "dropout": float(cfg.model.head.dropout)},
+                    "head": head_spec(cfg.model.head),
                     "classes": spec.classes, "preprocess": pre, "tta": bool(cfg.tta), **meta_cal,
                     "run_id": run_id, "dataset": spec.name, "dataset_fingerprint": summary["fingerprint"],
                     "split_protocol": spec.protocol, "refit": bool(cfg.refit.enabled),

@@ -16,7 +16,7 @@ from torch import nn
 
 from hsflow.data.transforms import build_preprocess, spec_id
 from hsflow.models.backbones import build_backbone, split_backbone
-from hsflow.models.classifier import build_head
+from hsflow.models.classifier import head_from_spec
 from hsflow.precedents import PrecedentIndex
 from hsflow.unknown import UnknownScorer
 
@@ -30,7 +30,7 @@ def assemble(prefix: nn.Module, suffix: nn.Module, head: nn.Module) -> nn.Sequen
 def build_network(meta: dict) -> nn.Sequential:
     bb = build_backbone(meta["backbone"], pretrained=False)
     net = split_backbone(bb, meta["unfreeze"], spec_id(meta["preprocess"]))
-    head = build_head(net.dim, len(meta["classes"]), meta["head"]["hidden"], meta["head"]["dropout"])
+    head = head_from_spec(net.dim, len(meta["classes"]), meta["head"])
     return assemble(net.prefix, net.suffix, head)
 
 
