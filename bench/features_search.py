@@ -60,6 +60,10 @@ CANDIDATES: dict[str, dict] = {
     "ft1-e10-nocrop": {"overrides": [*FT1, "trainer.max_epochs=10", "finetune.train_crop=null"]},
     "ft1-e10-lr1": {"overrides": [*FT1, "trainer.max_epochs=10", "model.backbone_lr_scale=1.0"]},
     "ft1-e20": {"overrides": [*FT1, "trainer.max_epochs=20"]},
+    "ft1-e15-full": {"overrides": [*FT1, "trainer.max_epochs=15", "finetune.train_crop=null"]},
+    "ft1-e15-crop": {"overrides": [*FT1, "trainer.max_epochs=15"]},
+    "ft1-e15-full-bntrain": {"overrides": [*FT1, "trainer.max_epochs=15", "finetune.train_crop=null",
+                                           "finetune.bn=train"]},
     "ft1-e10-cosface": {"overrides": [*FT1, "trainer.max_epochs=10", "model.head.kind=cosface",
                                       "model.head.scale=16", "model.head.margin=0.2"]},
 }
@@ -76,7 +80,8 @@ HELDOUT = ["0403200000", "0714200000", "0810500000", "0910110000", "2009710000",
 def config(overrides: list[str], cache_dir: str):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=["experiment=recommended", f"paths.cache_dir={cache_dir}",
-                                           "logger.log_model=false", *overrides])
+                                           "logger.log_model=false", f"paths.output_dir={ROOT}/outputs/features-search",
+                                           *overrides])
 
 
 def prepare(cand: dict, cache_dir: str, extra: list[str] = ()):
@@ -161,8 +166,14 @@ def review_rows(seeds: list[dict], rulings: list[str]) -> dict:
     return rows
 
 
-def baseline_val(client, exp_id: str) -> dict | None:
-    runs = client.search_runs([exp_id], "tags.mlflow.runName = 'baseline' and tags.hsflow_kind = 'candidate'",
+def run_name(name: str, extra: list[str]) -> str:
+    return f"{name} [{' '.join(extra)}]" if extra else name
+
+
+def baseline_val(client, exp_id: str, extra: list[str]) -> dict | None:
+    """The per-photo answers of the latest `baseline` run with the same extra overrides (the paired comparison)."""
+    base = run_name("baseline", extra)
+    runs = client.search_runs([exp_id], f"tags.mlflow.runName = '{base}' and tags.hsflow_kind = 'candidate'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         return None
@@ -199,22 +210,22 @@ def summarize(name: str, seeds: list[dict], spec, base: dict | None) -> tuple[di
 def run_candidate(name: str, args, client, exp_id: str) -> None:
     cand = CANDIDATES[name]
     started = time.perf_counter()
-    cfg, spec, net, dm = prepare(cand, args.cache_dir)
+    cfg, spec, net, dm = prepare(cand, args.cache_dir, args.extra)
     prepared = (time.perf_counter() - started) / 60
     init = copy.deepcopy(net.suffix.state_dict())
     seeds = [one_seed(cfg, net, dm, spec, s, init, not args.no_refit) for s in args.seeds]
-    metrics, per_photo = summarize(name, seeds, spec, baseline_val(client, exp_id))
+    metrics, per_photo = summarize(name, seeds, spec, baseline_val(client, exp_id, args.extra))
     metrics["prepare_minutes"] = prepared
-    with mlflow.start_run(experiment_id=exp_id, run_name=name,
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name(name, args.extra),
                           tags={"hsflow_kind": "candidate", "hsflow.kind": "evidence"}) as run:
-        mlflow.log_params({"overrides": " ".join(cand["overrides"]) or "(none)",
+        mlflow.log_params({"overrides": " ".join([*cand["overrides"], *args.extra]) or "(none)",
                            "concat": ",".join(cand.get("concat", [])) or "-", "seeds": str(args.seeds),
                            "refit": not args.no_refit, "train_photos": len(dm.splits["train"])})
         mlflow.log_metrics(metrics)
         for i, v in enumerate(per_photo["val_curve"]):
             mlflow.log_metric("curves/top1_val_mean", v, step=i + 1)
         mlflow.log_dict(per_photo, "per_photo.json")
-    print(f"{name} run={run.info.run_id[:8]} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+    print(f"{run_name(name, args.extra)} run={run.info.run_id[:8]} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                                            if not k.startswith("review/")), flush=True)
     print("  review:", json.dumps(per_photo["review"]), flush=True)
 
@@ -263,16 +274,17 @@ def unknown_figures(cfg, module, dm, spec, net) -> dict:
 def run_heldout(name: str, args, exp_id: str) -> None:
     cand = CANDIDATES[name]
     codes = ",".join(f'"{c}"' for c in HELDOUT)
-    cfg, spec, net, dm = prepare(cand, args.cache_dir, [f"dataset.exclude_codes=[{codes}]"])
+    cfg, spec, net, dm = prepare(cand, args.cache_dir, [*args.extra, f"dataset.exclude_codes=[{codes}]"])
     init = copy.deepcopy(net.suffix.state_dict())
     module, _, minutes = fit(cfg, net, dm, spec, args.seeds[0], init)
     figures = unknown_figures(cfg, module, dm, spec, net) | {"fit_minutes": minutes}
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{name}-heldout",
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name(f"{name}-heldout", args.extra),
                           tags={"hsflow_kind": "heldout", "hsflow.kind": "evidence"}) as run:
-        mlflow.log_params({"overrides": " ".join(cand["overrides"]) or "(none)", "heldout_codes": ",".join(HELDOUT),
+        mlflow.log_params({"overrides": " ".join([*cand["overrides"], *args.extra]) or "(none)",
+                           "heldout_codes": ",".join(HELDOUT),
                            "concat": ",".join(cand.get("concat", [])) or "-", "seed": args.seeds[0]})
         mlflow.log_metrics(figures)
-    print(f"{name}-heldout run={run.info.run_id[:8]} " + " ".join(f"{k}={v:.4f}" for k, v in figures.items()),
+    print(f"{run_name(name + '-heldout', args.extra)} run={run.info.run_id[:8]} " + " ".join(f"{k}={v:.4f}" for k, v in figures.items()),
           flush=True)
 
 
@@ -282,6 +294,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     ap.add_argument("--no-refit", action="store_true", help="report 2019 for the model fit on training rulings")
     ap.add_argument("--heldout", action="store_true", help="the unknown score with codes held out instead")
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every candidate (e.g. "
+                    "dataset.train_views=0: originals only); part of the run name, and of the baseline it is paired with")
     ap.add_argument("--cache-dir", default=os.environ.get("HSFLOW_CACHE", str(ROOT / "cache")))
     ap.add_argument("--tracking-uri", default=default_tracking_uri())
     args = ap.parse_args()

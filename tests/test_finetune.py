@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 
 from hsflow import train
 from hsflow.config import CONF_DIR
+from hsflow.images import open_rgb
 from hsflow.models.classifier import MarginHead, build_head, warmup_cosine
 from hsflow.models.package import HSModel, assemble
 
@@ -20,7 +21,7 @@ def _fit(tiny_store, cache, *overrides: str):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.raw_store={tiny_store}", f"paths.cache_dir={cache}",
                                           "model.unfreeze=1", "trainer.max_epochs=2", "optimizer=adamw",
-                                          "optimizer.lr=1e-2", *overrides])
+                                          "optimizer.lr=1e-2", f"paths.output_dir={cache}/out", *overrides])
     spec, net, pre, dm, module = train.prepare(cfg)
     before = (copy.deepcopy(net.prefix.state_dict()), copy.deepcopy(module.suffix.state_dict()))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
@@ -51,8 +52,7 @@ def test_saved_finetuned_model_answers_a_photo_exactly_as_the_trained_module(tin
             "classes": spec.classes, "preprocess": pre}
     HSModel(full, meta).save(tmp_path / "model")
     loaded = HSModel.load(tmp_path / "model")
-    photo = torch.stack([loaded.preprocess()(__import__("hsflow.images", fromlist=["open_rgb"]).open_rgb(
-        spec.split("test")[0].path))])
+    photo = torch.stack([loaded.preprocess()(open_rgb(spec.split("test")[0].path))])
     module.eval()
     with torch.no_grad():
         expected = module(net.prefix(photo))

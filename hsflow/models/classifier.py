@@ -181,6 +181,11 @@ class HSClassifier(pl.LightningModule):
                  prog_bar=stage != "test", batch_size=len(y))
         return loss, logits
 
+    def on_train_epoch_start(self):
+        # Lightning never calls train() itself (it keeps, and after validation restores, each submodule's mode):
+        # this puts the frozen prefix and, when asked, the trainable stages' batch-norm layers in eval mode.
+        self.train()
+
     def training_step(self, batch, _):
         return self._step(batch, self.train_metrics, "train")[0]
 
