@@ -67,12 +67,12 @@ CANDIDATES: dict[str, dict] = {
     "ft1-e10-cosface": {"overrides": [*FT1, "trainer.max_epochs=10", "model.head.kind=cosface",
                                       "model.head.scale=16", "model.head.margin=0.2"]},
 }
-REVIEW_METHODS = {  # name -> threshold from validation probabilities (calibrated), labels and rulings
-    "point (today)": lambda p, y, g: calibration.review_threshold(p, y, 0.95),
-    "clopper-pearson 90%": lambda p, y, g: calibration.review_threshold_bound(p, y, 0.95, 0.1, sequential=False),
-    "ltt fixed-sequence 90%": lambda p, y, g: calibration.review_threshold_bound(p, y, 0.95, 0.1),
-    "ltt fixed-sequence 80%": lambda p, y, g: calibration.review_threshold_bound(p, y, 0.95, 0.2),
-    "ltt by ruling 80%": lambda p, y, g: calibration.review_threshold_bound(p, y, 0.95, 0.2, groups=g),
+REVIEW_METHODS = {  # key -> threshold from validation probabilities (calibrated), labels and rulings
+    "point": lambda p, y, g: calibration.review_threshold(p, y, 0.95),                      # today: point estimate
+    "cp90": lambda p, y, g: calibration.review_threshold_bound(p, y, 0.95, 0.1, sequential=False),  # CP bound
+    "ltt90": lambda p, y, g: calibration.review_threshold_bound(p, y, 0.95, 0.1),           # fixed sequence
+    "ltt80": lambda p, y, g: calibration.review_threshold_bound(p, y, 0.95, 0.2),
+    "ltt80_rulings": lambda p, y, g: calibration.review_threshold_bound(p, y, 0.95, 0.2, groups=g),
 }
 HELDOUT = ["0403200000", "0714200000", "0810500000", "0910110000", "2009710000", "2106900000", "2202990000"]
 
@@ -105,7 +105,7 @@ class ValCurve(pl.Callback):
     def __init__(self):
         self.top1: list[float] = []
 
-    def on_validation_epoch_end(self, trainer, module):
+    def on_validation_end(self, trainer, module):  # after the module's epoch-end hook has logged it
         if not trainer.sanity_checking:
             self.top1.append(float(trainer.callback_metrics["curves/top1_val"]))
 
@@ -140,7 +140,12 @@ def one_seed(cfg, net, dm, spec, seed: int, init: dict, refit: bool) -> dict:
     if refit:
         started = time.perf_counter()
         net.suffix.load_state_dict(init)
-        module = train.refit(cfg, spec, net, dm, None, init)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(train.fit_threads(cfg, threads))  # as make train refits
+        try:
+            module = train.refit(cfg, spec, net, dm, None, init)
+        finally:
+            torch.set_num_threads(threads)
         out["refit_minutes"] = (time.perf_counter() - started) / 60
     out["test_logits"], out["test_y"] = train.split_logits(module, dm, "test")
     return out
@@ -193,8 +198,7 @@ def summarize(name: str, seeds: list[dict], spec, base: dict | None) -> tuple[di
         m["val_diff"], m["val_diff_ci_low"], m["val_diff_ci_high"] = evaluation.paired_difference(
             val_c, base["val_correct"], val_r)
     m["val_top1_seed_sd"] = float(np.std([correct(s["val_logits"], s["val_y"]).mean() for s in seeds]))
-    for method, row in review_rows(seeds, test_r).items():
-        key = method.split()[0] + ("_rul" if "ruling" in method else "") + "_" + method.split()[-1].rstrip("%")
+    for key, row in review_rows(seeds, test_r).items():
         m |= {f"review/{key}_coverage": row["coverage"], f"review/{key}_precision": row["precision"],
               f"review/{key}_threshold": row["threshold"]}
     m["fit_minutes"] = float(np.mean([s["fit_minutes"] for s in seeds]))
@@ -288,9 +292,36 @@ def run_heldout(name: str, args, exp_id: str) -> None:
           flush=True)
 
 
+def ci(m: dict, key: str) -> str:
+    if key not in m:
+        return "-"
+    return f"{m[key]:.3f} [{m[key + '_ci_low']:.3f}, {m[key + '_ci_high']:.3f}]"
+
+
+def table(client, exp_id: str) -> None:
+    """The search table (markdown), one row per finished run, oldest first."""
+    runs = client.search_runs([exp_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
+    print("| run | candidate | val 2018 top-1 | paired diff vs baseline | 2019 top-1 | 2019 top-3 | unflagged "
+          "coverage / precision (point) | minutes fit + refit (per seed) | seeds |\n|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        m, tags = r.data.metrics, r.data.tags
+        if tags.get("hsflow_kind") == "candidate":
+            review = f"{m.get('review/point_coverage', float('nan')):.2f} / {m.get('review/point_precision', float('nan')):.3f}"
+            print(f"| {r.info.run_id[:8]} | {tags['mlflow.runName']} | {ci(m, 'val_top1')} | {ci(m, 'val_diff')} | "
+                  f"{ci(m, 'test_top1')} | {ci(m, 'test_top3')} | {review} | "
+                  f"{m['fit_minutes']:.1f} + {m['refit_minutes']:.1f} | {r.data.params.get('seeds')} |")
+    print()
+    for r in runs:
+        m = r.data.metrics
+        if r.data.tags.get("hsflow_kind") == "heldout":
+            print(f"| {r.info.run_id[:8]} | {r.data.tags['mlflow.runName']} | " + " | ".join(
+                f"{k.split('/')[1]}={v:.3f}" for k, v in sorted(m.items()) if k.startswith("unknown/")) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("names", nargs="+", choices=sorted(CANDIDATES), metavar="NAME")
+    ap.add_argument("names", nargs="*", choices=sorted(CANDIDATES), metavar="NAME")
+    ap.add_argument("--table", action="store_true", help="print the search table of the finished runs and exit")
     ap.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     ap.add_argument("--no-refit", action="store_true", help="report 2019 for the model fit on training rulings")
     ap.add_argument("--heldout", action="store_true", help="the unknown score with codes held out instead")
@@ -303,6 +334,8 @@ def main() -> None:
     client = mlflow.tracking.MlflowClient(args.tracking_uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+    if args.table:
+        return table(client, exp_id)
     for name in args.names:
         if args.heldout:
             run_heldout(name, args, exp_id)
