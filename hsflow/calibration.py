@@ -80,3 +80,21 @@ def review_threshold_bound(probs: torch.Tensor, labels: torch.Tensor, target_pre
         elif sequential:
             break
     return float(best)
+
+
+REVIEW_METHODS = ("point", "clopper_pearson", "ltt")
+
+
+def fit_review_threshold(probs: torch.Tensor, labels: torch.Tensor, cal, rulings: list[str] | None = None) -> float:
+    """The review threshold a run stores, as `calibration.*` asks: `method` point (the validation precision reaches
+    the target), clopper_pearson (its lower bound does, at confidence 1 - `delta`) or ltt (the same, fixed-sequence
+    tested so the guarantee holds for the threshold chosen); `by_ruling` counts rulings instead of photos."""
+    method = str(cal.get("method", "point"))
+    target = float(cal["target_precision"])
+    if method == "point":
+        return review_threshold(probs, labels, target)
+    if method not in REVIEW_METHODS:
+        raise ValueError(f"calibration.method={method!r}: choose one of {', '.join(REVIEW_METHODS)}")
+    groups = rulings if cal.get("by_ruling", False) else None
+    return review_threshold_bound(probs, labels, target, float(cal.get("delta", 0.1)),
+                                  sequential=method == "ltt", groups=groups)

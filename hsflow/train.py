@@ -249,8 +249,8 @@ def run(cfg: DictConfig) -> dict:
             val_logits, val_y = split_logits(module, dm, "val")
             t = calibration.fit_temperature(val_logits, val_y)
             probs = torch.softmax(val_logits / t, 1)
-            meta_cal = {"temperature": t, "review_threshold": calibration.review_threshold(
-                probs, val_y, float(cfg.calibration.target_precision))}
+            meta_cal = {"temperature": t, "review_threshold": calibration.fit_review_threshold(
+                probs, val_y, cfg.calibration, [s.rrdc_no for s in spec.split("val")])}
             mlflow.log_metrics({"val/ece_before": calibration.ece(torch.softmax(val_logits, 1), val_y),
                                 "val/ece_after": calibration.ece(probs, val_y), "val/temperature": t,
                                 "val/review_threshold": meta_cal["review_threshold"]})

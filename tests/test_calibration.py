@@ -77,3 +77,19 @@ def test_rulings_count_once_so_near_copies_do_not_buy_confidence():
     six_rulings = [f"r{i // 10}" for i in range(60)]  # 60 right photos but only 6 rulings
     assert by_photo < 1.0
     assert review_threshold_bound(probs, labels, 0.95, 0.1, groups=six_rulings) == 1.0
+
+
+def test_the_configured_method_picks_the_threshold_a_run_stores():
+    from omegaconf import OmegaConf
+
+    from hsflow.calibration import fit_review_threshold, review_threshold_bound
+
+    probs, labels = _confident(60, 5)
+    cal = OmegaConf.create({"target_precision": 0.95, "method": "point", "delta": 0.1, "by_ruling": False})
+    assert fit_review_threshold(probs, labels, cal) == review_threshold(probs, labels, 0.95)
+    cal.method = "ltt"
+    assert fit_review_threshold(probs, labels, cal) == review_threshold_bound(probs, labels, 0.95, 0.1)
+    assert fit_review_threshold(probs, labels, cal) > review_threshold(probs, labels, 0.95)  # the bound costs coverage
+    cal.method = "median"
+    with pytest.raises(ValueError, match="calibration.method"):
+        fit_review_threshold(probs, labels, cal)
