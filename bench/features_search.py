@@ -135,7 +135,7 @@ def one_seed(cfg, net, dm, spec, seed: int, init: dict, refit: bool) -> dict:
     val_probs = torch.softmax(val_logits / t, 1)
     val_rulings = [s.rrdc_no for s in spec.split("val")]
     thresholds = {k: f(val_probs, val_y, val_rulings) for k, f in REVIEW_METHODS.items()}
-    out = {"val_logits": val_logits, "val_y": val_y, "temperature": t, "thresholds": thresholds, "curve": curve,
+    out = {"val_logits": val_logits, "val_y": val_y, "val_probs": val_probs, "temperature": t, "thresholds": thresholds, "curve": curve,
            "fit_minutes": fit_min, "refit_minutes": 0.0}
     if refit:
         started = time.perf_counter()
@@ -186,6 +186,17 @@ def baseline_val(client, exp_id: str, extra: list[str]) -> dict | None:
     return json.loads(Path(path).read_text())
 
 
+def point_certainty(seeds: list[dict]) -> dict:
+    """How sure validation is of today's point-estimate threshold: photos it accepts on validation, how many are
+    right, and the one-sided 90 % Clopper-Pearson lower bound of that precision (first seed)."""
+    s = seeds[0]
+    conf, pred = s["val_probs"].max(1)
+    accepted = conf >= s["thresholds"]["point"]
+    n, k = int(accepted.sum()), int((pred[accepted] == s["val_y"][accepted]).sum())
+    return {"review/point_val_accepted": n, "review/point_val_right": k,
+            "review/point_val_cp90_lower": calibration.precision_lower_bound(k, n, 0.1) if n else 0.0}
+
+
 def summarize(name: str, seeds: list[dict], spec, base: dict | None) -> tuple[dict, dict]:
     val_r, test_r = [s.rrdc_no for s in spec.split("val")], [s.rrdc_no for s in spec.split("test")]
     val_c = np.mean([correct(s["val_logits"], s["val_y"]) for s in seeds], 0)
@@ -201,6 +212,7 @@ def summarize(name: str, seeds: list[dict], spec, base: dict | None) -> tuple[di
     for key, row in review_rows(seeds, test_r).items():
         m |= {f"review/{key}_coverage": row["coverage"], f"review/{key}_precision": row["precision"],
               f"review/{key}_threshold": row["threshold"]}
+    m |= point_certainty(seeds)
     m["fit_minutes"] = float(np.mean([s["fit_minutes"] for s in seeds]))
     m["refit_minutes"] = float(np.mean([s["refit_minutes"] for s in seeds]))
     curve = np.mean([s["curve"] for s in seeds], 0).tolist()
