@@ -332,7 +332,7 @@ def table(client, exp_id: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("names", nargs="*", choices=sorted(CANDIDATES), metavar="NAME")
+    ap.add_argument("names", nargs="*", metavar="NAME", help=f"candidates: {', '.join(CANDIDATES)}")
     ap.add_argument("--table", action="store_true", help="print the search table of the finished runs and exit")
     ap.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     ap.add_argument("--no-refit", action="store_true", help="report 2019 for the model fit on training rulings")
@@ -342,6 +342,9 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=os.environ.get("HSFLOW_CACHE", str(ROOT / "cache")))
     ap.add_argument("--tracking-uri", default=default_tracking_uri())
     args = ap.parse_args()
+    unknown_names = [n for n in args.names if n not in CANDIDATES]
+    if unknown_names or not (args.names or args.table):
+        ap.error(f"name candidates from: {', '.join(CANDIDATES)} (unknown: {', '.join(unknown_names) or 'none'})")
     mlflow.set_tracking_uri(args.tracking_uri)
     client = mlflow.tracking.MlflowClient(args.tracking_uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
