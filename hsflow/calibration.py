@@ -1,6 +1,8 @@
 """Calibration on the validation split: temperature scaling, ECE, and the review threshold."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -47,3 +49,64 @@ def review_threshold(probs: torch.Tensor, labels: torch.Tensor, target_precision
     # The lowest confidence among the accepted prefix: unflagged(conf, threshold) then accepts exactly that prefix
     # (and any tie with its last member).
     return float(conf[order][ok.max()])
+
+
+def precision_lower_bound(right: int, accepted: int, delta: float) -> float:
+    """One-sided (1 - delta) Clopper-Pearson lower bound of a precision seen as `right` of `accepted`."""
+    from scipy.stats import beta  # here: recommend imports this module for `unflagged` and needs no scipy
+
+    return float(beta.ppf(delta, right, accepted - right + 1)) if right > 0 else 0.0
+
+
+def review_threshold_bound(probs: torch.Tensor, labels: torch.Tensor, target_precision: float, delta: float = 0.1,
+                           sequential: bool = True, groups: list[str] | None = None) -> float:
+    """The review threshold with a confidence guarantee instead of a point estimate: the lowest top-probability
+    threshold whose accepted validation answers have a Clopper-Pearson lower bound of precision >= target at
+    confidence 1 - delta. `sequential` (Learn then Test, Angelopoulos et al. 2021: fixed-sequence testing from the
+    most confident threshold down, stopping at the first that fails) makes the guarantee hold for the threshold
+    chosen, not only for each one tried; the sequence starts where enough answers are accepted that a flawless record
+    could pass at all (ln delta / ln target of them: 45 at 0.95 and delta 0.1), a point read from the confidences
+    alone, not from which answers are right. `groups` (the photos' rulings) counts each ruling once, at its share of
+    right answers: photos of one ruling are near-copies, not independent trials. 1.0 when none passes."""
+    conf, pred = probs.max(dim=1)
+    order = torch.argsort(conf, descending=True)
+    right = (pred[order] == labels[order]).float().tolist()
+    confs = conf[order].tolist()
+    best, seen = 1.0, {}
+    n_min = math.ceil(math.log(delta) / math.log(target_precision))
+    for i, c in enumerate(confs):
+        if i + 1 < len(confs) and confs[i + 1] == c:
+            continue  # a threshold accepts every photo at its confidence: test only where the next one differs
+        if groups is None:
+            k, n = sum(right[: i + 1]), i + 1
+        else:
+            seen = {}
+            for j in range(i + 1):
+                seen.setdefault(groups[int(order[j])], []).append(right[j])
+            n = len(seen)
+            k = sum(sum(v) / len(v) for v in seen.values())
+        if n < n_min:
+            continue
+        if precision_lower_bound(round(k, 6), n, delta) >= target_precision:
+            best = c
+        elif sequential:
+            break
+    return float(best)
+
+
+REVIEW_METHODS = ("point", "clopper_pearson", "ltt")
+
+
+def fit_review_threshold(probs: torch.Tensor, labels: torch.Tensor, cal, rulings: list[str] | None = None) -> float:
+    """The review threshold a run stores, as `calibration.*` asks: `method` point (the validation precision reaches
+    the target), clopper_pearson (its lower bound does, at confidence 1 - `delta`) or ltt (the same, fixed-sequence
+    tested so the guarantee holds for the threshold chosen); `by_ruling` counts rulings instead of photos."""
+    method = str(cal.get("method", "point"))
+    target = float(cal["target_precision"])
+    if method == "point":
+        return review_threshold(probs, labels, target)
+    if method not in REVIEW_METHODS:
+        raise ValueError(f"calibration.method={method!r}: choose one of {', '.join(REVIEW_METHODS)}")
+    groups = rulings if cal.get("by_ruling", False) else None
+    return review_threshold_bound(probs, labels, target, float(cal.get("delta", 0.1)),
+                                  sequential=method == "ltt", groups=groups)

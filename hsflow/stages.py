@@ -39,7 +39,7 @@ from hsflow.data.loading import PhotoDataset, default_workers
 from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id
 from hsflow.features import FeatureCache, extract
 from hsflow.models.backbones import SplitNet, build_backbone, split_backbone
-from hsflow.models.classifier import VAL_TOP1, HSClassifier, build_head
+from hsflow.models.classifier import VAL_TOP1, HSClassifier, head_from_spec, head_spec
 from hsflow.models.network import assemble
 from hsflow.timing import EpochTimer, StageClock
 
@@ -231,8 +231,8 @@ def calibrate(ctx: RunContext) -> None:
         val_logits, val_y = split_logits(ctx.module, ctx.dm, "val")
         t = calibration.fit_temperature(val_logits, val_y)
         probs = torch.softmax(val_logits / t, 1)
-        ctx.calibration = {"temperature": t, "review_threshold": calibration.review_threshold(
-            probs, val_y, float(cfg.calibration.target_precision))}
+        ctx.calibration = {"temperature": t, "review_threshold": calibration.fit_review_threshold(
+            probs, val_y, cfg.calibration, [s.rrdc_no for s in ctx.spec.split("val")])}
         mlflow.log_metrics({"val/ece_before": calibration.ece(torch.softmax(val_logits, 1), val_y),
                             "val/ece_after": calibration.ece(probs, val_y), "val/temperature": t,
                             "val/review_threshold": ctx.calibration["review_threshold"]})
@@ -247,6 +247,14 @@ def refit(ctx: RunContext) -> None:
     refit's own curves are not logged (there is no held-out period left to draw them on)."""
     if not ctx.cfg.refit.enabled:
         return
+    with threads(fit_threads(ctx.cfg, ctx.device)):
+        ctx.module = refit_module(ctx)
+    mlflow.log_metric("refit_minutes", (time.perf_counter() - ctx.marks["fitted"]) / 60)
+    ctx.clock.mark("refit")
+
+
+def refit_module(ctx: RunContext) -> HSClassifier:
+    """A new module (trainable stages back at their start, a new seeded head) fitted on ctx.refit_train."""
     suffix = copy.deepcopy(ctx.net.suffix)
     suffix.load_state_dict(ctx.suffix_init)  # unfrozen stages start again from ImageNet, as the first fit did
     refitted = make_module(ctx.cfg, ctx.net, len(ctx.spec.classes), ctx.module.prefix, suffix)
@@ -256,11 +264,8 @@ def refit(ctx: RunContext) -> None:
     trainer: pl.Trainer = instantiate(ctx.cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
                                       limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
                                       **one_device(ctx))
-    with threads(fit_threads(ctx.cfg, ctx.device)):
-        trainer.fit(refitted, datamodule=data)
-    ctx.module = refitted
-    mlflow.log_metric("refit_minutes", (time.perf_counter() - ctx.marks["fitted"]) / 60)
-    ctx.clock.mark("refit")
+    trainer.fit(refitted, datamodule=data)
+    return refitted
 
 
 def test(ctx: RunContext) -> None:
@@ -390,11 +395,14 @@ def make_module(cfg: DictConfig, net: SplitNet, num_classes: int, prefix, suffix
     Re-seeded: feature extraction draws from the global RNG only when the cache is cold, so without it the head's
     init and the dropout stream would depend on what was cached (cached vs naive, warm vs cold runs)."""
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    head = build_head(net.dim, num_classes, cfg.model.head.hidden, cfg.model.head.dropout)
+    head = head_from_spec(net.dim, num_classes, cfg.model.head)
+    ft = cfg.get("finetune") or {}
     return HSClassifier(net.suffix if suffix is None else suffix, head, num_classes, instantiate(cfg.optimizer),
                         backbone_lr_scale=cfg.model.backbone_lr_scale, label_smoothing=cfg.label_smoothing,
                         scheduler=cfg.scheduler, prefix=prefix,
-                        input_dim=1 if prefix is None and str(cfg.model.unfreeze) == "0" else 3)
+                        input_dim=1 if prefix is None and str(cfg.model.unfreeze) == "0" else 3,
+                        bn=ft.get("bn", "train"), warmup_epochs=ft.get("warmup_epochs", 0),
+                        train_crop=ft.get("train_crop"), supcon_weight=ft.get("supcon_weight", 0.0))
 
 
 def resume_checkpoint(run_id: str) -> str:
@@ -500,7 +508,7 @@ def model_meta(ctx: RunContext) -> dict:
     """meta.json of the saved model: what rebuilds the network and every fact an answer or an audit needs."""
     cfg = ctx.cfg
     return {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze,
-            "head": {"hidden": int(cfg.model.head.hidden), "dropout": float(cfg.model.head.dropout)},
+            "head": head_spec(cfg.model.head),
             "classes": ctx.spec.classes, "preprocess": ctx.pre, "tta": bool(cfg.tta), **ctx.calibration,
             "run_id": ctx.run_id, "dataset": ctx.spec.name, "dataset_fingerprint": ctx.summary["fingerprint"],
             "split_protocol": ctx.spec.protocol, "refit": bool(cfg.refit.enabled),

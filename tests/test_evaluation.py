@@ -78,3 +78,17 @@ def test_choices_never_read_the_test_period(tiny_store, session_cache, tmp_path)
     assert clean.tags["split_protocol"].startswith("date:") and noisy_run.tags["refit"] == "True"
     assert clean.metrics["test/top1_ci_low"] <= clean.metrics["test/top1"] <= clean.metrics["test/top1_ci_high"]
     assert "test/unflagged_precision" in clean.metrics and "refit_minutes" in noisy_run.metrics
+
+
+def test_paired_difference_is_zero_for_the_same_model_and_positive_when_better_on_every_ruling():
+    from hsflow.evaluation import paired_difference
+
+    rulings = [f"r{i // 3}" for i in range(60)]
+    a = [1, 1, 0] * 20
+    assert paired_difference(a, a, rulings) == (0.0, 0.0, 0.0)
+    better = [1, 1, 1] * 20
+    diff, low, high = paired_difference(better, a, rulings)
+    assert diff == pytest.approx(1 / 3) and low == high == pytest.approx(1 / 3)
+    mixed = [1, 1, 1] * 10 + [1, 0, 0] * 10  # better on half the rulings, worse on the other half
+    diff, low, high = paired_difference(mixed, a, rulings)
+    assert diff == pytest.approx(0.0) and low < 0 < high

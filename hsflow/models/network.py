@@ -5,7 +5,7 @@ from torch import nn
 
 from hsflow.data.transforms import spec_id
 from hsflow.models.backbones import build_backbone, split_backbone
-from hsflow.models.classifier import build_head
+from hsflow.models.classifier import head_from_spec
 
 
 def assemble(prefix: nn.Module, suffix: nn.Module, head: nn.Module) -> nn.Sequential:
@@ -15,5 +15,5 @@ def assemble(prefix: nn.Module, suffix: nn.Module, head: nn.Module) -> nn.Sequen
 def build_network(meta: dict) -> nn.Sequential:
     bb = build_backbone(meta["backbone"], pretrained=False)
     net = split_backbone(bb, meta["unfreeze"], spec_id(meta["preprocess"]))
-    head = build_head(net.dim, len(meta["classes"]), meta["head"]["hidden"], meta["head"]["dropout"])
+    head = head_from_spec(net.dim, len(meta["classes"]), meta["head"])  # older models: no kind, a softmax head
     return assemble(net.prefix, net.suffix, head)
