@@ -7,6 +7,7 @@ Inputs are what the DataModule yields: cached prefix outputs (the fast path) or,
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 
 import pytorch_lightning as pl
@@ -17,6 +18,9 @@ from hsflow.metrics import TopK
 
 
 VAL_TOP1 = "curves/top1_val"  # what model choice and sweepers go by
+# Lightning advises sync_dist=True for every epoch-level value under DDP; the TopK values are global already, and
+# syncing the loss deadlocks against the rank-zero progress bar (see _step).
+warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
 
 
 HEAD_KINDS = ("softmax", "cosface", "arcface", "normsoftmax")
@@ -183,10 +187,11 @@ class HSClassifier(pl.LightningModule):
             logits = self(x)
             loss = self.loss(logits, y)
         metrics.update(logits, y)
-        # sync_dist: under DDP the epoch's loss is the mean over processes (a no-op in one process); the TopK
-        # figures below are computed from every process's photos already, so their sync only confirms them.
+        # Not sync_dist: under DDP the progress bar (rank zero alone) would reduce it while the other ranks gather
+        # the TopK states, a deadlock; the epoch loss curve is rank zero's share of the photos. The TopK figures
+        # below are computed from every process's photos already.
         self.log("test/loss" if stage == "test" else f"curves/loss_{stage}", loss, on_step=False, on_epoch=True,
-                 prog_bar=stage != "test", batch_size=len(y), sync_dist=True)
+                 prog_bar=stage != "test", batch_size=len(y))
         return loss, logits
 
     def on_train_epoch_start(self):
@@ -198,7 +203,7 @@ class HSClassifier(pl.LightningModule):
         return self._step(batch, self.train_metrics, "train")[0]
 
     def on_train_epoch_end(self):
-        self.log_dict(self.train_metrics.compute(), sync_dist=True)
+        self.log_dict(self.train_metrics.compute())
         self.train_metrics.reset()
 
     def validation_step(self, batch, _):
@@ -207,8 +212,8 @@ class HSClassifier(pl.LightningModule):
     def on_validation_epoch_end(self):
         values = self.val_metrics.compute()  # over every process's photos under DDP (each photo once)
         self.val_photos = len(self.val_metrics.gathered()[1])
-        self.log(VAL_TOP1, values.pop(VAL_TOP1), prog_bar=True, sync_dist=True)
-        self.log_dict(values, sync_dist=True)
+        self.log(VAL_TOP1, values.pop(VAL_TOP1), prog_bar=True)
+        self.log_dict(values)
         self.val_metrics.reset()
 
     def on_test_epoch_start(self):
@@ -221,7 +226,7 @@ class HSClassifier(pl.LightningModule):
 
     def on_test_epoch_end(self):
         # Not reset: a caller may read the test photos' top-k (test_metrics.states()) after Lightning's test loop.
-        self.log_dict(self.test_metrics.compute(), sync_dist=True)
+        self.log_dict(self.test_metrics.compute())
 
     def configure_optimizers(self):
         # A lower learning rate for unfrozen backbone stages than for the new head (fine-tuning convention).
