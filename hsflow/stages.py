@@ -36,7 +36,7 @@ from hsflow.bundle import HSModel
 from hsflow.data.builder import SPLITS, DatasetSpec, Sample, build_dataset, spec_summary
 from hsflow.data.datamodule import HSDataModule
 from hsflow.data.loading import PhotoDataset, default_workers
-from hsflow.data.transforms import Augmenter, Mirror, build_preprocess, preprocess_spec, spec_id
+from hsflow.data.transforms import Augmenter, Mirror, OnlineAugmenter, build_preprocess, preprocess_spec, spec_id
 from hsflow.features import FeatureCache, extract
 from hsflow.models.backbones import SplitNet, build_backbone, split_backbone
 from hsflow.models.classifier import VAL_TOP1, HSClassifier, head_from_spec, head_spec
@@ -159,6 +159,9 @@ def data(ctx: RunContext) -> None:
     common = dict(batch_size=int(ctx.cfg.batch_size), seed=int(ctx.cfg.seed))
     weight = int(ctx.cfg.refit.val_weight)
     if ctx.cfg.features == "cached":
+        if ctx.cfg.dataset.get("online_augment"):
+            raise ValueError("dataset.online_augment=true needs features=naive: cached features are computed once "
+                             "per photo (use dataset.train_views=N for generated copies instead)")
         feats = cached_features(ctx)
         ctx.dm = HSDataModule.from_features(feats, labels, **common)
         # Validation joins training as plain views (its mirrored TTA copy is a test-time device only).
@@ -168,8 +171,10 @@ def data(ctx: RunContext) -> None:
         return
     augmenter, resize = augmenter_of(ctx), ctx.pre["resize"]
     preprocess = build_preprocess(ctx.pre)
+    online = OnlineAugmenter(ctx.cfg.dataset.augment) if ctx.cfg.dataset.get("online_augment") else None
     ctx.dm = HSDataModule({sp: PhotoDataset(ctx.spec.split(sp), preprocess, augmenter, resize,
-                                            tta=bool(ctx.cfg.tta) and sp != "train") for sp in SPLITS},
+                                            tta=bool(ctx.cfg.tta) and sp != "train",
+                                            online=online if sp == "train" else None) for sp in SPLITS},
                           num_workers=ctx.workers, **common)
     val_photos = PhotoDataset(ctx.spec.split("val"), preprocess, augmenter, resize)
     ctx.refit_train = ConcatDataset([ctx.dm.splits["train"]] + [val_photos] * weight)

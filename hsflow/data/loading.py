@@ -13,12 +13,14 @@ from hsflow.images import open_rgb
 
 
 class PhotoDataset(Dataset):
-    """Decode (reduced-size JPEG decoding when the network needs fewer pixels), augment view k, preprocess."""
+    """Decode (reduced-size JPEG decoding when the network needs fewer pixels), augment view k, preprocess; with
+    `online` (an OnlineAugmenter), every original photo is augmented afresh each time it is read."""
 
     def __init__(self, samples: list[Sample], preprocess, augmenter=None, draft_size: int | None = None,
-                 tta: bool = False):
+                 tta: bool = False, online=None):
         self.samples, self.preprocess, self.augmenter, self.draft = samples, preprocess, augmenter, draft_size
         self.tta = tta  # also yield the mirror image: (2, C, H, W) per sample
+        self.online = online
 
     def __len__(self):
         return len(self.samples)
@@ -29,6 +31,8 @@ class PhotoDataset(Dataset):
             img = self.augmenter.view(s.path, s.sha256, s.view, self.draft)
         else:
             img = open_rgb(s.path, draft_size=self.draft)
+            if self.online is not None:
+                img = self.online(img)
         x = self.preprocess(img)
         return (torch.stack([x, torch.flip(x, dims=[-1])]) if self.tta else x), s.label
 

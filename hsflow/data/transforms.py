@@ -78,6 +78,25 @@ class Augmenter:
         return open_rgb(buf.getvalue(), name=str(target or path))
 
 
+class OnlineAugmenter:
+    """The same albumentations pipeline drawn afresh every time a photo is read: for training that decodes photos
+    each step (`features=naive`, whole-network fine-tuning), where a new crop and light every epoch is the point.
+    Each draw is seeded from torch's RNG, which Lightning seeds per run and DataLoader seeds per worker and epoch, so
+    a run is repeatable and workers do not repeat each other (albumentations keeps its own generator otherwise)."""
+
+    def __init__(self, transforms_cfg):
+        import albumentations as A
+        from hydra.utils import instantiate
+
+        self.pipeline = A.Compose([instantiate(t) for t in transforms_cfg])
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        import torch
+
+        self.pipeline.set_random_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+        return Image.fromarray(self.pipeline(image=np.asarray(img))["image"])
+
+
 class Mirror:
     """View -1 of a photo: its mirror image, for test-time augmentation (a mirrored product is the same product)."""
     id = "mirror"

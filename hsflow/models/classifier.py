@@ -126,8 +126,9 @@ class HSClassifier(pl.LightningModule):
             from pytorch_metric_learning.losses import SupConLoss
 
             self.supcon = SupConLoss(temperature=0.1)
-        if prefix is not None:  # the naive loop runs the frozen prefix as extraction does: channels-last
-            prefix = prefix.to(memory_format=torch.channels_last)
+        if prefix is not None:  # the naive loop runs the frozen prefix as extraction does: channels-last, and the
+            prefix = prefix.to(memory_format=torch.channels_last)  # trainable stages too (what tensor cores want)
+            suffix = suffix.to(memory_format=torch.channels_last)
         self.prefix, self.suffix, self.head, self.num_classes = prefix, suffix, head, num_classes
         self.optimizer_factory, self.backbone_lr_scale, self.scheduler_name = optimizer, backbone_lr_scale, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
