@@ -44,7 +44,7 @@ def test_ddp_command_ends_with_one_run_one_model_and_one_result_line(two_runs):
     client, runs = _runs(tmp, "ddp")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["trainer.strategy"] == "ddp" and runs[0].data.params["trainer.devices"] == "2"
-    models = mlflow.search_logged_models(experiment_ids=[runs[0].info.experiment_id], output_format="list")
+    models = client.search_logged_models(experiment_ids=[runs[0].info.experiment_id])
     assert len(models) == 1 and models[0].source_run_id == runs[0].info.run_id
 
 
