@@ -10,11 +10,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from hsflow import train
+from hsflow import stages
 from hsflow.config import CONF_DIR
 from hsflow.images import open_rgb
-from hsflow.models.classifier import MarginHead, build_head, warmup_cosine
-from hsflow.models.package import HSModel, assemble
+from hsflow.models.classifier import MarginHead, build_head, head_spec, warmup_cosine
+from hsflow.bundle import HSModel
+from hsflow.models.network import assemble
 
 
 def _fit(tiny_store, cache, *overrides: str):
@@ -22,7 +23,10 @@ def _fit(tiny_store, cache, *overrides: str):
         cfg = compose("train", overrides=[f"paths.raw_store={tiny_store}", f"paths.cache_dir={cache}",
                                           "model.unfreeze=1", "trainer.max_epochs=2", "optimizer=adamw",
                                           "optimizer.lr=1e-2", f"paths.output_dir={cache}/out", *overrides])
-    spec, net, pre, dm, module = train.prepare(cfg)
+    ctx = stages.RunContext(cfg)
+    for stage in (stages.setup, stages.dataset, stages.network, stages.data, stages.module):  # up to the fit
+        stage(ctx)
+    spec, net, pre, dm, module = ctx.spec, ctx.net, ctx.pre, ctx.dm, ctx.module
     before = (copy.deepcopy(net.prefix.state_dict()), copy.deepcopy(module.suffix.state_dict()))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
@@ -48,7 +52,7 @@ def test_saved_finetuned_model_answers_a_photo_exactly_as_the_trained_module(tin
     cfg, spec, net, pre, dm, module, _ = _fit(tiny_store, session_cache, "finetune.bn=frozen",
                                               "model.head.kind=cosface", "model.head.hidden=16")
     full = assemble(net.prefix, module.suffix, module.head).cpu().eval()
-    meta = {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze, "head": train.head_spec(cfg.model.head),
+    meta = {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze, "head": head_spec(cfg.model.head),
             "classes": spec.classes, "preprocess": pre}
     HSModel(full, meta).save(tmp_path / "model")
     loaded = HSModel.load(tmp_path / "model")
