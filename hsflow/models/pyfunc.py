@@ -52,6 +52,9 @@ class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = HSModel.load(Path(context.artifacts["meta.json"]).parent)
         config = context.model_config or {}
+        # The registered version being served (hsflow.serve resolves the champion and passes it in the model
+        # config), so every answer names it as the CLI's and the page's do.
+        self.model.source = dict(config.get("served_as") or {})
         self.read_paths = bool(config.get("read_paths", SCORING_SERVER_ENV not in os.environ))
 
     def inputs(self, model_input) -> list:
