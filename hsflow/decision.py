@@ -22,6 +22,7 @@ from hsflow.evaluation import CONFIDENCE, RESAMPLES, ruling_interval
 # What the decision compares (MetricThreshold names): the challenger's top-1 may fall at most `margin` below the
 # champion's at the low end of the paired interval, and its unflagged answers must keep the review flag's promise.
 GATES = ("delta_top1_ci_low", "unflagged_precision")
+PAIRED = ("top1", "unflagged_coverage", "unflagged_precision", "unknown_rate")  # the differences paired()
 
 
 @dataclass
@@ -68,9 +69,9 @@ def figures(a: Answers, rulings: list[str]) -> dict[str, float]:
 
 
 def paired(champion: Answers, challenger: Answers, rulings: list[str], seed: int = 0) -> dict[str, float]:
-    """challenger - champion in top-1, unflagged precision and unknown rate, each with the 95 % percentile interval
-    of a paired bootstrap over rulings (the same resampled rulings for both models). A resample in which a model
-    leaves no answer unflagged has no precision; the interval is taken over the others, and their share is kept."""
+    """challenger - champion in each PAIRED figure, with the 95 % percentile interval of a paired bootstrap over
+    rulings (the same resampled rulings for both models). A resample in which a model leaves no answer unflagged
+    has no precision; that interval is taken over the others, and their share is kept."""
     keys = sorted(set(rulings))
     n = _per_ruling(np.ones(len(rulings)), rulings, keys)
     cols = [_per_ruling(v, rulings, keys) for m in (champion, challenger)
@@ -78,8 +79,8 @@ def paired(champion: Answers, challenger: Answers, rulings: list[str], seed: int
 
     def stat(n, c0, u0, h0, k0, c1, u1, h1, k1, axis=-1):
         s = lambda x: x.sum(axis)  # noqa: E731 - the statistic's one operation
-        return np.stack([(s(c1) - s(c0)) / s(n), _ratio(s(h1), s(u1)) - _ratio(s(h0), s(u0)),
-                         (s(k1) - s(k0)) / s(n)])
+        return np.stack([(s(c1) - s(c0)) / s(n), (s(u1) - s(u0)) / s(n),
+                         _ratio(s(h1), s(u1)) - _ratio(s(h0), s(u0)), (s(k1) - s(k0)) / s(n)])
 
     point = stat(n, *cols)
     out = {}
@@ -89,12 +90,11 @@ def paired(champion: Answers, challenger: Answers, rulings: list[str], seed: int
     else:  # one ruling: nothing to resample; the interval is the point
         dist = point[:, None]
     tail = 100 * (1 - CONFIDENCE) / 2
-    for i, name in enumerate(("top1", "unflagged_precision", "unknown_rate")):
+    for i, name in enumerate(PAIRED):
         row = dist[i][~np.isnan(dist[i])]
         low, high = (np.percentile(row, [tail, 100 - tail]) if len(row) else (math.nan, math.nan))
-        out |= {f"delta_{name}": float(point[i]), f"delta_{name}_ci_low": float(low),
-                f"delta_{name}_ci_high": float(high)}
-    out["delta_unflagged_precision_undefined_share"] = float(np.isnan(dist[1]).mean())
+        out |= {name: float(point[i]), f"{name}_ci_low": float(low), f"{name}_ci_high": float(high)}
+    out["unflagged_precision_undefined_share"] = float(np.isnan(dist[2]).mean())
     return out
 
 
@@ -107,21 +107,21 @@ def decide(delta: dict, challenger: dict, margin: float, target: float) -> tuple
     from mlflow.models.evaluation import EvaluationResult
     from mlflow.models.evaluation.validation import ModelValidationFailedException
 
-    metrics = {"delta_top1_ci_low": delta["delta_top1_ci_low"],
+    metrics = {"delta_top1_ci_low": delta["top1_ci_low"],
                # no unflagged answer at all: the flag promises nothing a broker can use; it fails the gate
                "unflagged_precision": _or(challenger["unflagged_precision"], -1.0)}
     thresholds = {"delta_top1_ci_low": MetricThreshold(threshold=-float(margin), greater_is_better=True),
                   "unflagged_precision": MetricThreshold(threshold=float(target), greater_is_better=True)}
-    top1 = (f"top-1 {delta['delta_top1']:+.3f} [{delta['delta_top1_ci_low']:+.3f}, "
-            f"{delta['delta_top1_ci_high']:+.3f}] against the champion")
+    top1 = (f"top-1 {delta['top1']:+.3f} [{delta['top1_ci_low']:+.3f}, {delta['top1_ci_high']:+.3f}] "
+            "against the champion")
     prec = f"unflagged precision {_text(challenger['unflagged_precision'])}"
     try:
         mlflow.validate_evaluation_results(thresholds, EvaluationResult(metrics, {}, run_id="refresh"))
     except ModelValidationFailedException:
         failed = [f"{top1}: its low end is below -{margin:g}"] if metrics[GATES[0]] < -margin else []
         failed += [f"{prec} is under the target {target:g}"] if metrics[GATES[1]] < target else []
-        return False, "kept the champion: " + "; ".join(failed)
-    return True, f"promoted: {top1}, not worse beyond the margin {margin:g}; {prec} >= target {target:g}"
+        return False, "; ".join(failed)
+    return True, f"{top1}, not worse beyond the margin {margin:g}; {prec} >= target {target:g}"
 
 
 def _or(value: float, fallback: float) -> float:

@@ -58,6 +58,7 @@ class Plan:
     window: periods.Window
     counts: dict                    # rulings: train / validation / window
     photos: list = field(repr=False)  # the window's decodable photos (hsflow.store.Photo)
+    experiment_id: str = ""         # where the refresh run and the challenger's run go
     champion: object = None         # its ModelVersion, None before the first
     champion_model: object = field(default=None, repr=False)  # the loaded HSModel
 
@@ -135,9 +136,9 @@ def prepare(cfg: DictConfig) -> Plan:
         champion, model = None, None
     else:
         champion, model = _load_champion(client, name, win)
-    tracking.experiment_id(cfg)
+    experiment = tracking.experiment_id(cfg)
     usable, _ = usable_photos([p for p in photos if win.holds(p.date)], verbose=False)
-    return Plan(cfg, client, name, win, counts, usable, champion, model)
+    return Plan(cfg, client, name, win, counts, usable, experiment, champion, model)
 
 
 # --- the challenger ----------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def decide(plan: Plan, figs: dict) -> tuple[str, str]:
 
     target = float(plan.cfg.refresh.target_precision)
     if plan.champion is None:
-        return "first", (f"first champion (there was none): window top-1 {figs['challenger']['top1']:.3f}, "
+        return "first", (f"there was no champion; window top-1 {figs['challenger']['top1']:.3f}, "
                          f"unflagged precision {decision._text(figs['challenger']['unflagged_precision'])} "
                          f"(target {target:g})")
     promote, reason = decision.decide(figs["delta"], figs["challenger"], float(plan.cfg.refresh.margin), target)
@@ -212,10 +213,8 @@ def side_by_side(plan: Plan, figs: dict, versions: dict, decision: str, reason: 
             f"(exclusive), which neither model trained or chose on; 95 % intervals from a bootstrap over rulings "
             f"(paired for the difference).\n\n| on the window | {champ} | challenger v{versions['challenger']} | "
             "challenger − champion |\n|---|---|---|---|\n")
-    paired = ("top1", "unflagged_precision", "unknown_rate")  # the differences the bootstrap pairs
     rows = "".join(f"| {label} | {_ci(figs.get('champion', {}), key)} | {_ci(figs['challenger'], key)} | "
-                   f"{_ci(figs.get('delta', {}), 'delta_' + key, True) if key in paired else ''} |\n"
-                   for key, label in ROWS)
+                   f"{_ci(figs.get('delta', {}), key, True)} |\n" for key, label in ROWS)
     return head + rows + f"\n**Decision: {decision}** — {reason}"
 
 
@@ -263,7 +262,7 @@ def version_tags(plan: Plan, figs: dict, refresh_run: str, decision: str, reason
     tags |= {f"window.{key}": _ci(ch, key) for key, _ in ROWS}
     if "delta" in figs:
         tags |= {"window.champion_top1": _ci(figs["champion"], "top1"),
-                 "window.delta_top1": _ci(figs["delta"], "delta_top1", True)}
+                 "window.delta_top1": _ci(figs["delta"], "top1", True)}
     return tags
 
 
@@ -273,7 +272,9 @@ def register(plan: Plan, run_id: str, figs: dict, refresh_run: str, decision: st
     import mlflow
 
     registry.ensure(plan.client, plan.name)
-    mv = mlflow.register_model(f"runs:/{run_id}/model", plan.name,
+    logged = mlflow.search_logged_models(experiment_ids=[plan.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run_id}'")
+    mv = mlflow.register_model(f"models:/{logged[0].model_id}", plan.name,
                                tags=version_tags(plan, figs, refresh_run, decision, reason))
     versions = {"champion": plan.champion.version if plan.champion else None, "challenger": mv.version}
     plan.client.update_model_version(plan.name, mv.version,
@@ -293,8 +294,7 @@ def run(cfg: DictConfig, plan: Plan | None = None) -> dict:
 
     started = time.perf_counter()
     plan = plan or prepare(cfg)
-    exp = plan.client.get_experiment_by_name(str(cfg.logger.experiment_name)).experiment_id
-    parent = plan.client.create_run(exp, run_name=f"refresh {plan.window.label}", tags={
+    parent = plan.client.create_run(plan.experiment_id, run_name=f"refresh {plan.window.label}", tags={
         "hsflow.kind": "refresh", "hsflow.window": plan.window.label, "hsflow.registered_model": plan.name,
         "hsflow.champion_before": plan.champion.version if plan.champion else "none"}).info.run_id
     try:
