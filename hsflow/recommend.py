@@ -108,7 +108,10 @@ def load(uri: str) -> HSModel:
 
     uri, source = identify(uri, store)
     with _global_tracking_uri(store), tempfile.TemporaryDirectory(prefix="hsflow-model-") as tmp:
-        model = HSModel.load(Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)))
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        if not any(folder.rglob("meta.json")):  # name the URI, not the temporary folder
+            raise FileNotFoundError(f"{uri}: its artifacts hold no meta.json (deleted, or not an hsflow model)")
+        model = HSModel.load(folder)
     model.source = source
     return model
 

@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,7 +256,8 @@ def version_tags(plan: Plan, figs: dict, refresh_run: str, decision: str, reason
     tags = {"hsflow.window": win.label, "hsflow.window_start": win.start, "hsflow.window_end": win.end,
             "hsflow.validated_on": win.prev_label, "hsflow.trained_until": win.start if plan.cfg.refit.enabled
             else win.prev_start, "hsflow.refresh_run": refresh_run, "hsflow.decision": decision,
-            "hsflow.reason": reason, "hsflow.compared_with": plan.champion.version if plan.champion else "none",
+            "hsflow.reason": reason, "hsflow.compared_with": str(plan.champion.version) if plan.champion
+            else "none",
             "window.photos": str(len(plan.photos)), "window.rulings": str(len({p.rrdc_no for p in plan.photos}))}
     tags |= {f"window.{key}": _ci(ch, key) for key, _ in ROWS}
     if "delta" in figs:
@@ -276,46 +276,60 @@ def register(plan: Plan, run_id: str, figs: dict, refresh_run: str, decision: st
                                          filter_string=f"source_run_id = '{run_id}'")
     mv = mlflow.register_model(f"models:/{logged[0].model_id}", plan.name,
                                tags=version_tags(plan, figs, refresh_run, decision, reason))
-    versions = {"champion": plan.champion.version if plan.champion else None, "challenger": mv.version}
+    versions = {"champion": str(plan.champion.version) if plan.champion else None, "challenger": mv.version}
     plan.client.update_model_version(plan.name, mv.version,
                                      description=side_by_side(plan, figs, versions, decision, reason)[:5000])
     plan.client.set_registered_model_alias(plan.name, registry.CHALLENGER, mv.version)
     if decision in ("first", "promoted"):
         registry.crown(plan.client, plan.name, mv.version, f"refresh {plan.window.label}", reason)
-    return mv.version
+    return str(mv.version)
 
 
-def run(cfg: DictConfig, plan: Plan | None = None) -> dict:
-    """The whole refresh; returns version, decision, champion, run_id (the refresh run) and the figures."""
+def run(cfg: DictConfig, plan: Plan | None = None, clock=None) -> dict:
+    """The whole refresh; returns version, decision, champion, run_id (the refresh run), the reason and figures.
+    `clock` (hsflow.timing.StageClock) times its stages into the refresh run's refresh/timings.json."""
     import mlflow
 
     from hsflow import train
     from hsflow.recommend import load
+    from hsflow.timing import StageClock
 
-    started = time.perf_counter()
+    clock = clock or StageClock()
     plan = plan or prepare(cfg)
     parent = plan.client.create_run(plan.experiment_id, run_name=f"refresh {plan.window.label}", tags={
         "hsflow.kind": "refresh", "hsflow.window": plan.window.label, "hsflow.registered_model": plan.name,
-        "hsflow.champion_before": plan.champion.version if plan.champion else "none"}).info.run_id
+        "hsflow.champion_before": str(plan.champion.version) if plan.champion else "none"}).info.run_id
     try:
         result = train.run(challenger_config(plan, parent))
+        clock.mark("challenger", run_id=result["run_id"])
         figs, answers = score(plan, load(f"runs:/{result['run_id']}/model"))
         decision, reason = decide(plan, figs)
+        clock.mark("score", photos=len(plan.photos), models=len(answers))
         with mlflow.start_run(run_id=parent):
             log_refresh(plan, figs, answers, result, decision, reason)
-            before = plan.champion.version if plan.champion else None
-            number = register(plan, result["run_id"], figs, parent, decision, reason)
-            champion = number if decision != "kept" else before
-            versions = {"champion": before, "challenger": number}
-            mlflow.set_tags({"hsflow.challenger_version": number, "hsflow.champion_after": champion,
-                             "mlflow.note.content": side_by_side(plan, figs, versions, decision, reason)})
-            mlflow.log_metric("refresh_minutes", (time.perf_counter() - started) / 60)
+            out = record(plan, figs, result["run_id"], parent, decision, reason)
+            clock.mark("record")
+            mlflow.log_dict(clock.as_dict(), "refresh/timings.json")
+            mlflow.log_metric("refresh_minutes", clock.as_dict()["total_seconds"] / 60)
     except BaseException:
         if plan.client.get_run(parent).info.status == "RUNNING":
             plan.client.set_terminated(parent, "FAILED")
         raise
-    return {"version": number, "decision": decision, "champion": champion, "run_id": parent, "reason": reason,
-            "challenger_run": result["run_id"], "figures": figs}
+    return {**out, "decision": decision, "run_id": parent, "reason": reason, "challenger_run": result["run_id"],
+            "figures": figs}
+
+
+def record(plan: Plan, figs: dict, run_id: str, parent: str, decision: str, reason: str) -> dict:
+    """The registry moves (new version, aliases) and the refresh run's closing tags and description."""
+    import mlflow
+
+    before = str(plan.champion.version) if plan.champion else None
+    number = register(plan, run_id, figs, parent, decision, reason)
+    champion = number if decision != "kept" else before
+    mlflow.set_tags({"hsflow.challenger_version": number, "hsflow.champion_after": champion,
+                     "mlflow.note.content": side_by_side(plan, figs, {"champion": before, "challenger": number},
+                                                         decision, reason)})
+    return {"version": number, "champion": champion}
 
 
 # --- the entry points ----------------------------------------------------------------------------------------------
@@ -342,8 +356,9 @@ def move_alias(argv: list[str]) -> int:
         if args.rollback:
             current, target = registry.rollback_target(client, name)
         else:
-            target = registry.version(client, name, args.promote).version
+            target = str(registry.version(client, name, args.promote).version)
             current = getattr(registry.by_alias(client, name, registry.CHAMPION), "version", None)
+            current = None if current is None else str(current)
             if current == target:
                 raise RefreshError(f"version {target} of {name!r} is the champion already; nothing to move")
         uri = f"models:/{name}/{target}"
@@ -368,12 +383,16 @@ def hydra_main(cfg: DictConfig) -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     from hsflow.models.backbones import WeightsMissing
 
+    from hsflow.timing import StageClock
+
     try:
+        clock = StageClock()  # from the start: the checks (and the champion's loading) are a stage too
         plan = prepare(cfg)
+        clock.mark("prepare")
         if plan.champion is None:
             print(f"no champion yet in registered model {plan.name!r}: the challenger becomes the first",
                   file=sys.stderr, flush=True)
-        result = run(cfg, plan)
+        result = run(cfg, plan, clock)
     except (RefreshError, registry.RegistryError, StoreError, WeightsMissing, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

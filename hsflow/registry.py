@@ -108,14 +108,14 @@ def crown(client: MlflowClient, name: str, number: str, how: str, reason: str, *
     """Point `champion` at a version, recording how and why on it and on the one it replaces; returns the
     replaced version (None when there was none). `push=False` (a rollback) leaves the succession as it is."""
     before = by_alias(client, name, CHAMPION)
-    old = before.version if before else None
-    client.set_registered_model_alias(name, CHAMPION, str(number))
+    old, number = (str(before.version) if before else None), str(number)
+    client.set_registered_model_alias(name, CHAMPION, number)
     if push:
-        client.set_registered_model_tag(name, STACK_TAG, ",".join(stack(client, name) + [str(number)]))
+        client.set_registered_model_tag(name, STACK_TAG, ",".join(stack(client, name) + [number]))
     note(client, name, number, f"became champion ({how}{f', replacing version {old}' if old else ''}): {reason}",
          {"hsflow.champion_since": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
           "hsflow.champion_how": how, "hsflow.champion_reason": reason})
-    if old and old != str(number):
+    if old and old != number:
         note(client, name, old, f"left champion ({how}, for version {number}): {reason}",
              {"hsflow.left_champion": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
               "hsflow.left_reason": reason})
@@ -128,7 +128,7 @@ def rollback_target(client: MlflowClient, name: str) -> tuple[str, str]:
         version(client, name, "0")  # raises the missing-model line
     line = stack(client, name)
     current = by_alias(client, name, CHAMPION)
-    if current is None or not line or line[-1] != current.version:
+    if current is None or not line or line[-1] != str(current.version):
         raise RegistryError(f"registered model {name!r}: the champion alias is "
                             f"{'absent' if current is None else f'on version {current.version}'} but the succession "
                             f"({STACK_TAG}) ends with {line[-1] if line else 'nothing'}; move it by hand with "
