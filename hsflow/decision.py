@@ -114,7 +114,7 @@ def decide(delta: dict, challenger: dict, margin: float, target: float) -> tuple
                   "unflagged_precision": MetricThreshold(threshold=float(target), greater_is_better=True)}
     top1 = (f"top-1 {delta['top1']:+.3f} [{delta['top1_ci_low']:+.3f}, {delta['top1_ci_high']:+.3f}] "
             "against the champion")
-    prec = f"unflagged precision {_text(challenger['unflagged_precision'])}"
+    prec = f"unflagged precision {figure_text(challenger['unflagged_precision'])}"
     try:
         mlflow.validate_evaluation_results(thresholds, EvaluationResult(metrics, {}, run_id="refresh"))
     except ModelValidationFailedException:
@@ -128,5 +128,6 @@ def _or(value: float, fallback: float) -> float:
     return fallback if value is None or math.isnan(value) else value
 
 
-def _text(value: float) -> str:
+def figure_text(value: float) -> str:
+    """A figure to 3 decimals, or why there is none."""
     return "n/a (no unflagged answer)" if value is None or math.isnan(value) else f"{value:.3f}"

@@ -185,7 +185,7 @@ def decide(plan: Plan, figs: dict) -> tuple[str, str]:
     target = float(plan.cfg.refresh.target_precision)
     if plan.champion is None:
         return "first", (f"there was no champion; window top-1 {figs['challenger']['top1']:.3f}, "
-                         f"unflagged precision {decision._text(figs['challenger']['unflagged_precision'])} "
+                         f"unflagged precision {decision.figure_text(figs['challenger']['unflagged_precision'])} "
                          f"(target {target:g})")
     promote, reason = decision.decide(figs["delta"], figs["challenger"], float(plan.cfg.refresh.margin), target)
     return ("promoted" if promote else "kept"), reason
