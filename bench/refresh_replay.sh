@@ -16,7 +16,7 @@ mkdir -p "$DIR"
 export PYTHONPATH=$PWD MLFLOW_TRACKING_URI="sqlite:///$DIR/mlflow.db" NO_ALBUMENTATIONS_UPDATE=1 MLFLOW_DISABLE_TELEMETRY=true
 COMMON=(experiment=recommended paths.raw_store="$DIR/crawl" paths.cache_dir="$CACHE")
 crawl() {  # the stand-in portal over $1 on 127.0.0.1, crawled into $DIR/crawl (only what is missing is fetched)
-    $PY -m crawler.crawl_demo --archive "$1" --out "$DIR/crawl" --port 8799 | grep -E "^crawl:"
+    $PY -m crawler.crawl_demo --archive "$1" --out "$DIR/crawl" --port 8799 2>>"$DIR/crawl.err" | grep -E "^crawl: \{"
 }
 refresh() {  # one refresh, timed; its last line is version=... decision=... champion=... run_id=...
     local start=$SECONDS

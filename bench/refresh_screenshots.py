@@ -28,11 +28,12 @@ def main() -> None:
     refresh_run = client.get_run(champion.tags["hsflow.refresh_run"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    shoot(f"{args.url}/#/models/{args.name}?{ML}", out / "refresh_registry.png", size="1800,1100")
+    # Tall enough for every version's row (the registry lists each version's tags one per line).
+    shoot(f"{args.url}/#/models/{args.name}?{ML}", out / "refresh_registry.png", size="2200,1900")
     shoot(f"{args.url}/#/models/{args.name}/versions/{champion.version}?{ML}", out / "refresh_version.png",
-          size="1800,1500")
+          size="2200,1300")
     shoot(f"{args.url}/#/experiments/{refresh_run.info.experiment_id}/runs/{refresh_run.info.run_id}?{ML}",
-          out / "refresh_run.png", size="1800,1500")
+          out / "refresh_run.png", size="2200,1300")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ class Window:
     def holds(self, date: str) -> bool:
         return self.start <= date < self.end
 
+    @property
+    def last(self) -> str:
+        """The window's last day (YYYY-MM-DD)."""
+        return (dt.date.fromisoformat(self.end) - dt.timedelta(days=1)).isoformat()
+
 
 def _quarter(year: int, q: int) -> tuple[dt.date, dt.date]:
     start = dt.date(year, 3 * q - 2, 1)

@@ -205,16 +205,19 @@ ROWS = (("top1", "top-1 (decided code)"), ("unflagged_coverage", "share of photo
 
 
 def side_by_side(plan: Plan, figs: dict, versions: dict, decision: str, reason: str) -> str:
-    """The refresh run's description: both models' figures on the window, their difference, the decision."""
+    """The refresh run's (and the new version's) description: the decision first (what the UI shows folded), then
+    both models' figures on the window and their difference."""
+    win, ch = plan.window, figs["challenger"]
     champ = f"champion v{versions['champion']}" if plan.champion else "champion (none)"
-    head = (f"**Refresh {plan.window.label}** of registered model `{plan.name}`: {len(plan.photos)} photos of "
-            f"{len({p.rrdc_no for p in plan.photos})} rulings dated {plan.window.start} .. {plan.window.end} "
-            f"(exclusive), which neither model trained or chose on; 95 % intervals from a bootstrap over rulings "
-            f"(paired for the difference).\n\n| on the window | {champ} | challenger v{versions['challenger']} | "
+    vs = f" vs {champ} {figs['champion']['top1']:.3f}" if plan.champion else ""
+    head = (f"**Decision: {decision}** (refresh {win.label} of `{plan.name}`): challenger v{versions['challenger']} "
+            f"top-1 {ch['top1']:.3f}{vs} on the window's {len(plan.photos)} photos: {reason}."
+            f"\n\nThe window: {len({p.rrdc_no for p in plan.photos})} rulings dated {win.start} .. {win.last}, "
+            "which neither model trained or chose on; 95 % intervals from a bootstrap over rulings (paired for the "
+            f"difference).\n\n| on the window | {champ} | challenger v{versions['challenger']} | "
             "challenger − champion |\n|---|---|---|---|\n")
-    rows = "".join(f"| {label} | {_ci(figs.get('champion', {}), key)} | {_ci(figs['challenger'], key)} | "
-                   f"{_ci(figs.get('delta', {}), key, True)} |\n" for key, label in ROWS)
-    return head + rows + f"\n**Decision: {decision}** — {reason}"
+    return head + "".join(f"| {label} | {_ci(figs.get('champion', {}), key)} | {_ci(ch, key)} | "
+                          f"{_ci(figs.get('delta', {}), key, True)} |\n" for key, label in ROWS)
 
 
 def predictions_csv(plan: Plan, answers: dict) -> str:
