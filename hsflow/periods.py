@@ -88,7 +88,7 @@ def check(win: Window, dates: list[str], store: Path) -> dict[str, int]:
               "window": sum(win.holds(d) for d in dates)}
     span = f"rulings dated {min(dates)} .. {max(dates)}" if dates else "no dated ruling"
     if not counts["window"]:
-        raise ValueError(f"refresh window {win.label} ({win.start} .. {win.end}) holds no ruling of the store {store} "
+        raise ValueError(f"refresh window {win.label} ({win.start} .. {win.last}) holds no ruling of the store {store} "
                          f"({span}): choose a window inside that range with refresh.window=, or crawl first")
     for period, what in (("validation", f"the period before the window ({win.prev_label})"),
                          ("train", f"the time before {win.prev_start}")):

@@ -59,6 +59,16 @@ def crawl_portal(archive: Path, store: Path) -> dict:
     return stats
 
 
+@pytest.fixture(autouse=True)
+def global_tracking_uri():
+    """The in-process refresh points MLflow's process-wide tracking URI at its store: give it back after each test."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved = getattr(utils, "_tracking_uri", None)  # None: never set (as hsflow.recommend restores it)
+    yield
+    mlflow.set_tracking_uri(saved)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, session_cache) -> dict:
     root = tmp_path_factory.mktemp("refresh")
@@ -276,7 +286,7 @@ def test_a_window_without_rulings_is_one_line_and_changes_nothing(world, third):
     proc = refresh_cli(world, "refresh.window=2030")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-    assert "refresh window 2030 (2030-01-01 .. 2031-01-01) holds no ruling" in line
+    assert "refresh window 2030 (2030-01-01 .. 2030-12-31) holds no ruling" in line
     assert snapshot(client(world)) == before
 
 
@@ -315,6 +325,7 @@ def test_a_champion_that_cannot_be_loaded_is_one_line_and_changes_nothing(world,
     uri = copied_registry(world, tmp_path)
     c = MlflowClient(uri)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the process-wide URI (restored after the test)
     files = Path(mlflow.artifacts.download_artifacts("models:/hsflow/2", dst_path=str(tmp_path / "v2")))
     weights = next(files.rglob("weights.pt"))
     weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as a failed copy would leave it
