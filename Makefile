@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: install train test test-fast bench bench-scale ui serve review crawl-demo clean
+.PHONY: install train refresh test test-fast bench bench-scale ui serve review crawl-demo clean
 
 # Re-install only when the project's requirements change.
 .venv/.installed: pyproject.toml
@@ -26,6 +26,9 @@ install: .venv/.installed
 
 train: install            ## train the default model on the shipped demo (offline, CPU, minutes)
 	$(PY) -m hsflow.train experiment=recommended $(ARGS)
+
+refresh: install          ## new rulings in the store: train a challenger, score it and the champion on the newest complete year, promote or keep (docs/refresh.md)
+	$(PY) -m hsflow.refresh experiment=recommended $(ARGS)
 
 test: install             ## run the test suite
 	$(PY) -m pytest -q $(ARGS)
@@ -42,10 +45,10 @@ bench-scale: install      ## 3,000 codes / ~26,000 photos, stage by stage -> ben
 ui: install               ## MLflow UI over the project's tracking store on http://127.0.0.1:5000 (prints a link per experiment)
 	$(PY) -m hsflow.ui $(ARGS)
 
-serve: install            ## the latest make-train model as a REST service: POST base64 photos to http://127.0.0.1:5001/invocations
+serve: install            ## the champion (else the latest make-train model) as a REST service: POST base64 photos to http://127.0.0.1:5001/invocations
 	$(PY) -m hsflow.serve $(ARGS)
 
-review: install           ## the review page over the latest make-train model on http://127.0.0.1:8000
+review: install           ## the review page over the champion (else the latest make-train model) on http://127.0.0.1:8000
 	$(PY) -m hsflow.review $(ARGS)
 
 crawl-demo: install       ## serve the shipped demo through the local portal stand-in and crawl it into data/crawl

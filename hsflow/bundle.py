@@ -32,6 +32,9 @@ class HSModel:
     meta: dict  # backbone, unfreeze, head, classes, preprocess, temperature, review_threshold, run facts
     precedents: PrecedentIndex | None = field(default=None, repr=False)  # training photos' rulings, if saved
     unknown: UnknownScorer | None = field(default=None, repr=False)  # training embeddings + threshold; None: never
+    # Where it was loaded from when that was a registered version: {registered_model, version, aliases} (set by
+    # hsflow.recommend.load and the MLflow model; not saved): every answer names the version that gave it.
+    source: dict = field(default_factory=dict, repr=False)
 
     @property
     def classes(self) -> list[str]:

@@ -27,6 +27,10 @@ from mlflow.models import set_model
 warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 SCORING_SERVER_ENV = "__pyfunc_model_path__"  # set by MLflow's scoring server (mlflow models serve) for its model
+# Logged with the model (hsflow.tracking.log_model): MLflow lets SERVING_MODEL_CONFIG / load_model(model_config=)
+# set only the keys a model was logged with. read_paths: None = the scoring server reads no path, in-process callers
+# may; served_as: the registered version being served ({registered_model, version, aliases}: hsflow.serve sets it).
+MODEL_CONFIG = {"read_paths": None, "served_as": {}}
 
 
 def photo_bytes(value) -> bytes:
@@ -52,7 +56,11 @@ class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = HSModel.load(Path(context.artifacts["meta.json"]).parent)
         config = context.model_config or {}
-        self.read_paths = bool(config.get("read_paths", SCORING_SERVER_ENV not in os.environ))
+        # The registered version being served (hsflow.serve resolves the champion and passes it in the model
+        # config), so every answer names it as the CLI's and the page's do.
+        self.model.source = dict(config.get("served_as") or {})
+        read = config.get("read_paths")
+        self.read_paths = bool(read) if read is not None else SCORING_SERVER_ENV not in os.environ
 
     def inputs(self, model_input) -> list:
         """A PhotoInput per row; a row that names no usable photo carries its error (answered in its place)."""

@@ -1,11 +1,13 @@
-"""`python -m hsflow.recommend --model URI PATH...`: the top-k HS codes for product photos, with the nomenclature.
+"""`python -m hsflow.recommend [--model URI] PATH...`: the top-k HS codes for product photos, with the nomenclature.
 
 For each photo: the k most probable codes with their calibrated probability and the official descriptions of
 subheading, heading and chapter, the probabilities rolled up to chapters and headings, and `needs_review` when the
 top probability is under the model's review threshold (chosen on validation for a target precision); `unknown`
 when the photo lies farther from every training photo than validation photos do (hsflow.unknown): then it always
 needs review and its codes are only the nearest trained ones; and the precedents: the training rulings whose photos
-look most alike (hsflow.precedents), with whether the nearest one's code agrees with the top candidate. Photos
+look most alike (hsflow.precedents), with whether the nearest one's code agrees with the top candidate; and which
+model answered (`model`: its run and, for a registered version, name, version and aliases). Without --model the
+registered model's `champion` answers (hsflow.registry, docs/refresh.md). Photos
 (files, or bytes as PhotoInput) are
 decoded and preprocessed exactly as training did (`open_rgb` with JPEG draft decoding at the resize size, then
 the model's preprocessing), so top-1 on a test split equals the test top-1 the training run logged.
@@ -69,12 +71,14 @@ class Recommendation:
     unknown: bool = False           # unlike every trained product (hsflow.unknown); then needs_review too
     unknown_score: float | None = None  # None: no photo scored (an error, or a model without a scorer)
     unknown_threshold: float | None = field(default=None, repr=False)  # the model's, for the table
+    model: dict = field(default_factory=dict)  # which model answered: answering(model)
 
     def to_dict(self) -> dict:
         where = {"image": self.image} if self.images is None else {self.group_key: self.image, "images": self.images}
         return {**where, "candidates": self.candidates, "rollup": self.rollup, "needs_review": self.needs_review,
                 "unknown": self.unknown, "unknown_score": self.unknown_score,
-                "precedents": self.precedents, "precedent_agrees": self.precedent_agrees, "error": self.error}
+                "precedents": self.precedents, "precedent_agrees": self.precedent_agrees, "error": self.error,
+                "model": self.model}
 
 
 # --- model -------------------------------------------------------------------------------------------------------
@@ -85,7 +89,8 @@ def tracking_uri() -> str:
 
 
 def load(uri: str) -> HSModel:
-    """An hsflow model from a local folder or an MLflow URI (runs:/<id>/model, models:/<name>/<version>).
+    """An hsflow model from a local folder or an MLflow URI (runs:/<id>/model, models:/<name>/<version>,
+    models:/<name>@<alias>: the alias is resolved once, and the model remembers the version in `source`).
 
     Only JSON and tensors are read (`torch.load(weights_only=True)`): no pickled code runs, whatever the source.
     """
@@ -100,8 +105,16 @@ def load(uri: str) -> HSModel:
     if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
         raise FileNotFoundError(f"no tracking store at {store} (train a model first, or set MLFLOW_TRACKING_URI)")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for errors
+    from hsflow.registry import identify
+
+    uri, source = identify(uri, store)
     with _global_tracking_uri(store), tempfile.TemporaryDirectory(prefix="hsflow-model-") as tmp:
-        return HSModel.load(Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)))
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        if not any(folder.rglob("meta.json")):  # name the URI, not the temporary folder
+            raise FileNotFoundError(f"{uri}: its artifacts hold no meta.json (deleted, or not an hsflow model)")
+        model = HSModel.load(folder)
+    model.source = source
+    return model
 
 
 @contextmanager
@@ -295,6 +308,14 @@ def recommend(model: HSModel | str, paths: Iterable[str | Path | PhotoInput], to
                                num_workers=num_workers, device=device, progress=progress, precedents=precedents))
 
 
+def answering(model: HSModel) -> dict:
+    """Which model answers: its training run and, when loaded as a registered version, its name, version and the
+    aliases it had then (`champion`...): in every answer, so a broker's record says which version gave it."""
+    src = model.source or {}
+    return {"run_id": model.meta.get("run_id"), "registered_model": src.get("registered_model"),
+            "version": src.get("version"), "aliases": src.get("aliases", [])}
+
+
 def iter_recommend(model: HSModel | str, paths: Iterable[str | Path | PhotoInput], top_k: int = 5, *,
                    group_by: str = "none", batch_size: int = 32, num_workers: int | None = None,
                    device: str | None = None, progress: bool | None = None,
@@ -308,6 +329,13 @@ def iter_recommend(model: HSModel | str, paths: Iterable[str | Path | PhotoInput
     if top_k < 1:
         raise ValueError(f"top_k={top_k}: must be at least 1")
     model = load(model) if isinstance(model, str) else model
+    who = answering(model)
+    for rec in _answers(model, paths, top_k, group_by, batch_size, num_workers, device, progress, precedents):
+        rec.model = who
+        yield rec
+
+
+def _answers(model: HSModel, paths, top_k, group_by, batch_size, num_workers, device, progress, precedents):
     photos = photo_inputs(paths, group_by)
     key = "folder" if group_by == "folder" else "item"
     stream = predict(model, photos, batch_size=batch_size, num_workers=num_workers, device=device,
@@ -386,10 +414,26 @@ def to_table(rec: Recommendation) -> str:
     return "\n".join(lines)
 
 
+def champion(name: str | None) -> str | None:
+    """models:/<name>/<version> of the registered model's champion (hsflow by default), or None after one error
+    line saying what to do."""
+    from hsflow.registry import DEFAULT_NAME, champion_uri
+
+    name = name or DEFAULT_NAME
+    uri = champion_uri(name, tracking_uri())
+    if uri is None:
+        print(f"error: no --model given and registered model {name!r} has no champion in {tracking_uri()}: "
+              "pass --model runs:/<run id>/model (or a folder), or run `make refresh`", file=sys.stderr)
+    return uri
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hsflow.recommend", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="runs:/<run id>/model, models:/<name>/<version> or a folder")
+    ap.add_argument("--model", default=None, help="runs:/<run id>/model, models:/<name>/<version>, "
+                    "models:/<name>@<alias> or a folder (default: the registered model's champion)")
+    ap.add_argument("--registered-model", default=None, metavar="NAME",
+                    help="whose champion answers when --model is not given (default: hsflow)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--format", choices=("table", "json"), default="table")
     ap.add_argument("--group-by", choices=("none", "folder"), default="none",
@@ -407,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     files = expand(args.paths)
     if not files:
         print(f"error: no photos found in {' '.join(args.paths)}", file=sys.stderr)
+        return 2
+    args.model = args.model or champion(args.registered_model)
+    if args.model is None:
         return 2
     try:
         model = load(args.model)

@@ -1,6 +1,7 @@
 """`python -m hsflow.review [--model URI] [--port 8000]` (`make review`): a review page for brokers on 127.0.0.1.
 
-Drop the photos of one product: the page shows its top HS codes with the nomenclature's text (subheading, heading,
+Drop the photos of one product: the page names the model answering (the registered model's champion by default,
+with its version), then shows the product's top HS codes with the nomenclature's text (subheading, heading,
 chapter), calibrated probability bars, the review flag, and the precedent rulings (thumbnail, ruling number, date,
 decided code, product, reasoning). A small ASGI app (Starlette, served by uvicorn: both come with MLflow) over
 the same model folder and the same function as `hsflow.recommend` and the MLflow model (`iter_recommend`).
@@ -24,7 +25,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from hsflow.bundle import HSModel
-from hsflow.recommend import IMAGE_EXTS, PhotoInput, as_json, iter_recommend, load, load_error
+from hsflow.recommend import IMAGE_EXTS, PhotoInput, answering, as_json, iter_recommend, load, load_error
 
 PAGE = Path(__file__).resolve().parent / "static" / "review.html"
 MAX_PHOTO_BYTES = 10 * 1024 * 1024  # per photo: product photos are < 2 MB; far above, something is wrong
@@ -89,7 +90,7 @@ def create_app(model: HSModel, *, top_k: int = 5) -> Starlette:
     async def about(_: Request):
         meta = model.meta
         return JSONResponse({k: meta.get(k) for k in ("run_id", "backbone", "dataset", "test_top1")}
-                            | {"classes": len(model.classes), "max_photos": MAX_PHOTOS,
+                            | {"model": answering(model), "classes": len(model.classes), "max_photos": MAX_PHOTOS,
                                "max_photo_mb": MAX_PHOTO_BYTES // 2**20,
                                "precedents": len(model.precedents) if model.precedents else 0})
 

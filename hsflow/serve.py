@@ -1,19 +1,24 @@
 """`python -m hsflow.serve [--model URI] [--port 5001]` (`make serve`): the model behind MLflow's own REST server.
 
 Runs `mlflow models serve -m <model> --env-manager local --host 127.0.0.1`, so the service is exactly what a team
-deploys with MLflow (`mlflow models serve`, `mlflow models build-docker`). Without --model it serves the latest
-finished run with a logged model in the experiment `make train` logs to (MLflow's search API; --experiment and
---filter narrow the search, e.g. --filter "params.\\`model.name\\` = 'efficientnet_lite0'"). POST photos to
-/invocations as base64 (docs/recommend.md: "The three ways to ask").
+deploys with MLflow (`mlflow models serve`, `mlflow models build-docker`). Without --model it serves the champion of
+the registered model (`models:/hsflow@champion`, resolved to its version at start: docs/refresh.md; restart after
+the alias moves), and without a champion the latest finished run with a logged model in the experiment `make train`
+logs to (MLflow's search API; --experiment and --filter narrow the search, e.g.
+--filter "params.\\`model.name\\` = 'efficientnet_lite0'", and choose it over the champion). Every answer names the
+model that gave it (`model`: run, registered name, version, aliases). POST photos to /invocations as base64
+(docs/recommend.md: "The three ways to ask").
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from hsflow import registry
 from hsflow.config import default_tracking_uri
 
 EXPERIMENT = "hsflow"  # conf/logger/mlflow.yaml's experiment_name: where `make train` logs
@@ -54,17 +59,21 @@ def server_args(prog: str, description: str, port: int, argv: list[str] | None,
     model's URI, or None after one error line when no model can be found."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--model", default=None,
-                    help="runs:/<run id>/model, models:/<name>/<version> or a folder (default: the latest "
-                         "`make train` model)")
+                    help="runs:/<run id>/model, models:/<name>/<version>, models:/<name>@<alias> or a folder "
+                         "(default: the registered model's champion, else the latest `make train` model)")
+    ap.add_argument("--registered-model", default=registry.DEFAULT_NAME,
+                    help=f"whose champion answers by default (default {registry.DEFAULT_NAME})")
     ap.add_argument("--experiment", default=EXPERIMENT, help=f"where to look for the latest (default {EXPERIMENT})")
     ap.add_argument("--filter", default="", dest="run_filter",
-                    help="an MLflow run filter the latest must match, e.g. \"params.`model.name` = 'x'\"")
+                    help="an MLflow run filter the latest must match, e.g. \"params.`model.name` = 'x'\" "
+                         "(then the latest match answers, not the champion)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     ap.add_argument("--port", type=int, default=port)
     extra(ap)
     args = ap.parse_args(argv)
     try:
-        return args, args.model or latest_model_uri(args.experiment, args.run_filter)
+        return args, args.model or (None if args.run_filter else registry.champion_uri(args.registered_model)) or \
+            latest_model_uri(args.experiment, args.run_filter)
     except LookupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return args, None
@@ -80,10 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     mlflow_cli = shutil.which("mlflow", path=bindir) or "mlflow"
     env = {**os.environ, "MLFLOW_TRACKING_URI": default_tracking_uri(),
            "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")])}
+    try:  # a registered version: served by number, and named in every answer (hsflow/models/pyfunc.py)
+        uri, served_as = registry.identify(uri, default_tracking_uri())
+    except Exception as exc:  # noqa: BLE001 - a missing model, version or alias: one line
+        print(f"error: cannot serve {uri}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}",
+              file=sys.stderr)
+        return 2
+    if served_as:
+        config = json.loads(os.environ.get("SERVING_MODEL_CONFIG") or "{}")
+        env["SERVING_MODEL_CONFIG"] = json.dumps({**config, "served_as": served_as})
     cmd = [mlflow_cli, "models", "serve", "-m", uri, "--env-manager", "local", "--host", args.host,
            "--port", str(args.port), "--workers", str(args.workers)]
-    print(f"serving {uri} on http://{args.host}:{args.port}/invocations ({' '.join(cmd[1:])})", file=sys.stderr,
-          flush=True)
+    named = (f" ({served_as['registered_model']} version {served_as['version']}"
+             f"{', ' + '/'.join(served_as['aliases']) if served_as['aliases'] else ''})" if served_as else "")
+    print(f"serving {uri}{named} on http://{args.host}:{args.port}/invocations ({' '.join(cmd[1:])})",
+          file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)
 
 

@@ -365,6 +365,6 @@ def log_model(model, cfg: DictConfig) -> str:
         mlflow.pyfunc.log_model(name="model", python_model=pyfunc.__file__,
                                 artifacts={p.name: str(p) for p in files},
                                 signature=signature(), input_example=input_example(model),
-                                pip_requirements=PIP_REQUIREMENTS,
+                                pip_requirements=PIP_REQUIREMENTS, model_config=pyfunc.MODEL_CONFIG,
                                 registered_model_name=cfg.logger.get("registered_model_name") or None)
     return f"runs:/{mlflow.active_run().info.run_id}/model"

@@ -32,9 +32,12 @@ TINY_CODES = {"0808100000": 6, "0401200000": 5, "2009120000": 5}
 LATE_PER_YEAR = 1  # of those, rulings taken from each of 2018 and 2019, so the default dated split has val and test
 
 
-def make_tiny_store(dst: Path, codes: dict[str, int] = TINY_CODES) -> Path:
-    """Copy N rulings of each code (with their photos) from the shipped demo into a new store: the first of 2018
-    and of 2019 (the demo's dated validation and test years), then the earliest ones."""
+def make_tiny_store(dst: Path, codes: dict[str, int] = TINY_CODES, *, late_years: tuple[str, ...] = ("2018", "2019"),
+                    late_per_year: int = LATE_PER_YEAR, before: str | None = None) -> Path:
+    """Copy N rulings of each code (with their photos) from the shipped demo into a new store: the first
+    `late_per_year` of each of `late_years` (by default 2018 and 2019: the demo's dated validation and test years),
+    then the earliest ones; `before` (a year) leaves out every ruling of that year and later, so the same call
+    with and without it gives a store and the same store once later rulings arrived."""
     (dst / "rulings").mkdir(parents=True)
     (dst / "photos").mkdir()
     shutil.copy(DEMO / "STORE.json", dst / "STORE.json")
@@ -42,8 +45,11 @@ def make_tiny_store(dst: Path, codes: dict[str, int] = TINY_CODES) -> Path:
     for path in sorted((DEMO / "rulings").glob("*.json")):
         rec = json.loads(path.read_text())
         code, year = rec["hs_code"], rec["fields"]["ENFR_DT"][:4]
-        period = year if year >= "2018" else "early"
-        quota = LATE_PER_YEAR if period != "early" else codes.get(code, 0) - 2 * LATE_PER_YEAR
+        period = year if year >= min(late_years) else "early"
+        quota = (late_per_year if period in late_years else 0) if period != "early" else (
+            codes.get(code, 0) - len(late_years) * late_per_year)
+        if before and year >= before:
+            continue
         if code in codes and taken[code, period] < quota:
             taken[code, period] += 1
             shutil.copy(path, dst / "rulings" / path.name)
@@ -169,7 +175,7 @@ def hosts(log: Path) -> set[str]:
 # that trains; whole modules of them are listed here, single tests carry @pytest.mark.slow.
 SLOW_FIXTURES = {"tiny_run", "two_runs", "rest", "full_crawl"}
 SLOW_MODULES = {"test_ddp", "test_offline", "test_sweeps", "test_mlflow_server", "test_resume", "test_cache",
-                "test_review", "test_runtime"}
+                "test_refresh", "test_review", "test_runtime"}
 
 
 def pytest_collection_modifyitems(config, items):

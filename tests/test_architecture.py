@@ -84,3 +84,15 @@ def test_no_function_in_hsflow_is_longer_than_60_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []
+
+
+def test_every_module_sits_in_a_layer_of_the_contract():
+    """A new module outside the layers would escape the contract: each top-level module and sub-package is named."""
+    import tomllib
+
+    layers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]["layers"]
+    listed = {name.strip() for layer in layers for name in layer.split("|")}
+    hsflow = ROOT / "hsflow"
+    present = {f"hsflow.{p.stem}" for p in hsflow.glob("*.py") if p.stem != "__init__"}
+    present |= {f"hsflow.{p.name}" for p in hsflow.iterdir() if (p / "__init__.py").is_file()}
+    assert present - listed == set()

@@ -101,7 +101,8 @@ def test_json_schema_with_runs_uri_from_the_default_store(tiny_run, tmp_path, mo
     assert [d["image"] for d in lines] == [str(p) for p in shots]
     for d in lines:
         assert set(d) == {"image", "candidates", "rollup", "needs_review", "unknown", "unknown_score", "precedents",
-                          "precedent_agrees", "error"}
+                          "precedent_agrees", "error", "model"}
+        assert d["model"] == {"run_id": tiny_run["run_id"], "registered_model": None, "version": None, "aliases": []}
         assert d["error"] is None and isinstance(d["unknown"], bool) and isinstance(d["unknown_score"], float)
         assert isinstance(d["needs_review"], bool)
         assert len(d["candidates"]) == 3 and all(set(c) == CANDIDATE_KEYS for c in d["candidates"])
@@ -174,7 +175,7 @@ def test_group_by_folder_averages_the_photos(tiny_model, tmp_path):
                 for c in tiny_model.classes}
         assert {c["hs_code"]: c["probability"] for c in g.candidates} == pytest.approx(mean, abs=1e-6)
         assert set(g.to_dict()) == {"folder", "images", "candidates", "rollup", "needs_review", "unknown",
-                                    "unknown_score", "precedents", "precedent_agrees", "error"}
+                                    "unknown_score", "precedents", "precedent_agrees", "error", "model"}
         assert g.candidates[0]["hs_code"] == max(mean, key=mean.get)
 
 
