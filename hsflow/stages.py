@@ -38,7 +38,7 @@ from hsflow.data.datamodule import HSDataModule
 from hsflow.data.loading import PhotoDataset, default_workers
 from hsflow.data.transforms import Augmenter, Mirror, OnlineAugmenter, build_preprocess, preprocess_spec, spec_id
 from hsflow.features import FeatureCache, extract
-from hsflow.models.backbones import SplitNet, build_backbone, split_backbone
+from hsflow.models.backbones import SplitNet, build_backbone, check_join, split_backbone
 from hsflow.models.classifier import VAL_TOP1, HSClassifier, head_from_spec, head_spec
 from hsflow.models.network import assemble
 from hsflow.timing import EpochTimer, StageClock
@@ -148,6 +148,7 @@ def network(ctx: RunContext) -> None:
     """The backbone with its ImageNet weights, cut into a frozen prefix and a trainable suffix."""
     ctx.pre = preprocess_spec(ctx.cfg.model)
     model = ctx.cfg.model
+    check_join(model.name, list(model.get("concat") or []))
     bb, *joined = (build_backbone(name, model.pretrained, model.allow_download)
                    for name in (model.name, *(model.get("concat") or [])))
     ctx.net = split_backbone(bb, model.unfreeze, spec_id(ctx.pre), joined)

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from conftest import PY, ROOT
 from hsflow.config import CONF_DIR
-from hsflow.models.backbones import build_backbone, split_backbone
+from hsflow.models.backbones import build_backbone, check_join, split_backbone
 
 GROUPS = ["dataset", "model", "optimizer", "trainer", "logger", "paths", "experiment"]
 
@@ -63,6 +63,9 @@ def test_concat_joins_frozen_backbones_on_one_input():
     assert joined.cache_id != alone.cache_id == split_backbone(lite1, 0, "x").cache_id
     with pytest.raises(ValueError, match="model.unfreeze=0"):
         split_backbone(lite1, 1, "x", [lite0])
+    check_join("efficientnet_lite1", ["efficientnet_lite0", "efficientnet_lite2"])
+    with pytest.raises(ValueError, match="only EfficientNet-Lite backbones can be joined"):
+        check_join("efficientnet_lite1", ["resnet50"])  # ImageNet mean/std: it would read the wrong input
 
 
 @pytest.mark.parametrize("name", options("optimizer"))
@@ -82,6 +85,7 @@ def test_every_trainer_instantiates(name):
 @pytest.mark.parametrize("overrides, expected", [
     (["model=resnet5"], "Could not find 'model/resnet5'"),
     (["model.unfreeze=99"], "model.unfreeze=99"),
+    (["model=efficientnet_lite1", "model.concat=[resnet50]"], "only EfficientNet-Lite backbones can be joined"),
     (["features=magic"], "features='magic'"),
     (["num_workers=-2"], "num_workers=-2"),
     (["dataset.split.by=ruling", "dataset.split.train=0.9"], "sum to 1"),

@@ -154,6 +154,13 @@ NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "vgg1
          "inception_v3")
 
 
+def check_join(name: str, joined: list[str]) -> None:
+    """Joined backbones read one preprocessed input: only the EfficientNet-Lites share theirs (mean = std = 0.5)."""
+    if joined and not all(n in _LITE_PACKAGES for n in (name, *joined)):
+        raise ValueError(f"model.concat={list(joined)} with model={name}: only EfficientNet-Lite backbones can be joined "
+                         f"(one preprocessing, mean = std = 0.5, feeds them all); choose from {', '.join(_LITE_PACKAGES)}")
+
+
 def build_backbone(name: str, pretrained: bool = True, allow_download: bool = True) -> Backbone:
     if name in _LITE_PACKAGES:
         return _efficientnet_lite(name, pretrained)
