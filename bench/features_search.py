@@ -43,6 +43,7 @@ EXPERIMENT = "features-search"
 FT1 = ["model.unfreeze=1", "finetune.bn=frozen", "finetune.warmup_epochs=1", "finetune.train_crop=4"]
 CANDIDATES: dict[str, dict] = {
     "baseline": {"overrides": []},                                        # = experiment=recommended (make train)
+    "lite1-alone": {"overrides": ["model.concat=[]"]},                    # make train's default before issue 20
     # (2) objectives for product identity on the frozen features
     "cosface": {"overrides": ["model.head.kind=cosface", "model.head.scale=16", "model.head.margin=0.2"]},
     "arcface": {"overrides": ["model.head.kind=arcface", "model.head.scale=16", "model.head.margin=11.5"]},
@@ -52,8 +53,11 @@ CANDIDATES: dict[str, dict] = {
     "epochs30": {"overrides": ["trainer.max_epochs=30"]},
     "epochs120": {"overrides": ["trainer.max_epochs=120"]},
     "warmup3": {"overrides": ["finetune.warmup_epochs=3"]},
-    "concat-lite0": {"overrides": [], "concat": ["efficientnet_lite0"]},
-    "concat-lite0-lite2": {"overrides": [], "concat": ["efficientnet_lite0", "efficientnet_lite2"]},
+    # Lite1 joined here to other backbones' features at their own preprocessing (Lite0 224 px, Lite2 260 px): the
+    # evidence for model.concat, which make train then runs as one prefix on Lite1's 240 px input.
+    "concat-lite0": {"overrides": ["model.concat=[]"], "concat": ["efficientnet_lite0"]},
+    "concat-lite0-lite2": {"overrides": ["model.concat=[]"], "concat": ["efficientnet_lite0", "efficientnet_lite2"]},
+    "join-lite0-lite2": {"overrides": ["model.concat=[efficientnet_lite0,efficientnet_lite2]"]},
     # (1) fine-tuning the last stage on cached feature maps (BN, warm-up, crop, epochs)
     "ft1-e10": {"overrides": [*FT1, "trainer.max_epochs=10"]},
     "ft1-e10-bntrain": {"overrides": [*FT1, "trainer.max_epochs=10", "finetune.bn=train"]},

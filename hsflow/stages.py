@@ -38,7 +38,7 @@ from hsflow.data.datamodule import HSDataModule
 from hsflow.data.loading import PhotoDataset, default_workers
 from hsflow.data.transforms import Augmenter, Mirror, OnlineAugmenter, build_preprocess, preprocess_spec, spec_id
 from hsflow.features import FeatureCache, extract
-from hsflow.models.backbones import SplitNet, build_backbone, split_backbone
+from hsflow.models.backbones import SplitNet, build_backbone, check_join, split_backbone
 from hsflow.models.classifier import VAL_TOP1, HSClassifier, head_from_spec, head_spec
 from hsflow.models.network import assemble
 from hsflow.timing import EpochTimer, StageClock
@@ -147,8 +147,11 @@ def dataset(ctx: RunContext) -> None:
 def network(ctx: RunContext) -> None:
     """The backbone with its ImageNet weights, cut into a frozen prefix and a trainable suffix."""
     ctx.pre = preprocess_spec(ctx.cfg.model)
-    bb = build_backbone(ctx.cfg.model.name, ctx.cfg.model.pretrained, ctx.cfg.model.allow_download)
-    ctx.net = split_backbone(bb, ctx.cfg.model.unfreeze, spec_id(ctx.pre))
+    model = ctx.cfg.model
+    check_join(model.name, list(model.get("concat") or []))
+    bb, *joined = (build_backbone(name, model.pretrained, model.allow_download)
+                   for name in (model.name, *(model.get("concat") or [])))
+    ctx.net = split_backbone(bb, model.unfreeze, spec_id(ctx.pre), joined)
 
 
 @every_rank
@@ -512,7 +515,7 @@ def precedent_index(ctx: RunContext) -> tuple[precedents.PrecedentIndex, float]:
 def model_meta(ctx: RunContext) -> dict:
     """meta.json of the saved model: what rebuilds the network and every fact an answer or an audit needs."""
     cfg = ctx.cfg
-    return {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze,
+    return {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze, "concat": list(cfg.model.get("concat") or []),
             "head": head_spec(cfg.model.head),
             "classes": ctx.spec.classes, "preprocess": ctx.pre, "tta": bool(cfg.tta), **ctx.calibration,
             "run_id": ctx.run_id, "dataset": ctx.spec.name, "dataset_fingerprint": ctx.summary["fingerprint"],

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from conftest import PY, ROOT
 from hsflow.config import CONF_DIR
-from hsflow.models.backbones import build_backbone, split_backbone
+from hsflow.models.backbones import build_backbone, check_join, split_backbone
 
 GROUPS = ["dataset", "model", "optimizer", "trainer", "logger", "paths", "experiment"]
 
@@ -50,6 +50,24 @@ def test_every_model_instantiates(name):
     assert not any(p.requires_grad for p in partial.prefix.parameters())
 
 
+def test_concat_joins_frozen_backbones_on_one_input():
+    """`model.concat=[efficientnet_lite0]`: both backbones see the same photo; their pooled vectors side by side,
+    a cache of its own; fine-tuning cannot be asked for with a join (one clear error)."""
+    lite1, lite0 = build_backbone("efficientnet_lite1", False), build_backbone("efficientnet_lite0", False)
+    alone, joined = split_backbone(lite1, 0, "x"), split_backbone(lite1, 0, "x", [lite0])
+    x = torch.rand(2, 3, 240, 240)
+    with torch.no_grad():
+        out = joined.prefix(x)
+        assert out.shape == (2, lite1.dim + lite0.dim) == (2, joined.dim)
+        assert torch.allclose(out[:, :lite1.dim], alone.prefix(x))
+    assert joined.cache_id != alone.cache_id == split_backbone(lite1, 0, "x").cache_id
+    with pytest.raises(ValueError, match="model.unfreeze=0"):
+        split_backbone(lite1, 1, "x", [lite0])
+    check_join("efficientnet_lite1", ["efficientnet_lite0", "efficientnet_lite2"])
+    with pytest.raises(ValueError, match="only EfficientNet-Lite backbones can be joined"):
+        check_join("efficientnet_lite1", ["resnet50"])  # ImageNet mean/std: it would read the wrong input
+
+
 @pytest.mark.parametrize("name", options("optimizer"))
 def test_every_optimizer_instantiates(name):
     factory = instantiate(compose_cfg(f"optimizer={name}").optimizer)
@@ -67,6 +85,7 @@ def test_every_trainer_instantiates(name):
 @pytest.mark.parametrize("overrides, expected", [
     (["model=resnet5"], "Could not find 'model/resnet5'"),
     (["model.unfreeze=99"], "model.unfreeze=99"),
+    (["model=efficientnet_lite1", "model.concat=[resnet50]"], "only EfficientNet-Lite backbones can be joined"),
     (["features=magic"], "features='magic'"),
     (["num_workers=-2"], "num_workers=-2"),
     (["dataset.split.by=ruling", "dataset.split.train=0.9"], "sum to 1"),
@@ -87,6 +106,7 @@ def test_make_train_default_is_the_recommended_experiment():
     assert "-m hsflow.train experiment=recommended" in (ROOT / "Makefile").read_text()
     cfg = compose_cfg("experiment=recommended")
     assert cfg.model.name == "efficientnet_lite1" and cfg.model.unfreeze == 0 and cfg.model.head.hidden == 512
+    assert list(cfg.model.concat) == ["efficientnet_lite0"]  # issue 20: joined features won on 2018
     assert cfg.scheduler == "cosine" and cfg.label_smoothing == 0.1 and cfg.optimizer.lr == 1e-3
     assert cfg.refit.enabled and cfg.dataset.split.by == "date"  # refit on train + 2018 after choosing on 2018
     study = compose_cfg("experiment=study_frozen")

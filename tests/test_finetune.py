@@ -85,3 +85,21 @@ def test_warmup_rises_then_cosine_decays_to_zero():
         sched.step()
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] < 0.01
+
+
+def test_saved_joined_model_answers_a_photo_exactly_as_the_trained_module(tiny_store, session_cache, tmp_path):
+    """make train's default joins Lite0 to Lite1 (`model.concat`): the saved folder rebuilds both networks."""
+    cfg, spec, net, pre, dm, module, _ = _fit(tiny_store, session_cache, "model=efficientnet_lite1",
+                                              "model.unfreeze=0", "model.concat=[efficientnet_lite0]")
+    full = assemble(net.prefix, module.suffix, module.head).cpu().eval()
+    meta = {"backbone": cfg.model.name, "unfreeze": 0, "concat": list(cfg.model.concat),
+            "head": head_spec(cfg.model.head), "classes": spec.classes, "preprocess": pre}
+    HSModel(full, meta).save(tmp_path / "model")
+    loaded = HSModel.load(tmp_path / "model")
+    photo = torch.stack([loaded.preprocess()(open_rgb(spec.split("test")[0].path))])
+    module.eval()
+    net.prefix.to(memory_format=torch.contiguous_format)  # extraction ran it channels-last: other kernels, 5e-7 apart
+    with torch.no_grad():
+        expected = module(net.prefix(photo))
+    assert net.dim == 2 * 1280 and dm.splits["train"].tensors[0].shape[1] == net.dim
+    assert torch.equal(loaded.logits(photo), expected)

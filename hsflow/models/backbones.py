@@ -154,6 +154,13 @@ NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "vgg1
          "inception_v3")
 
 
+def check_join(name: str, joined: list[str]) -> None:
+    """Joined backbones read one preprocessed input: only the EfficientNet-Lites share theirs (mean = std = 0.5)."""
+    if joined and not all(n in _LITE_PACKAGES for n in (name, *joined)):
+        raise ValueError(f"model.concat={list(joined)} with model={name}: only EfficientNet-Lite backbones can be joined "
+                         f"(one preprocessing, mean = std = 0.5, feeds them all); choose from {', '.join(_LITE_PACKAGES)}")
+
+
 def build_backbone(name: str, pretrained: bool = True, allow_download: bool = True) -> Backbone:
     if name in _LITE_PACKAGES:
         return _efficientnet_lite(name, pretrained)
@@ -171,14 +178,32 @@ class SplitNet:
     cache_id: str  # changes whenever the prefix's output would change
 
 
-def split_backbone(bb: Backbone, unfreeze: int | str, preprocess_id: str) -> SplitNet:
-    """`unfreeze`: 0 = all conv layers frozen (the study), N = last N stages trainable, "all" = everything."""
+class Joined(nn.Module):
+    """Several frozen backbones over the same input batch, their pooled vectors side by side (`model.concat`)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x):
+        return torch.cat([part(x) for part in self.parts], 1)
+
+
+def split_backbone(bb: Backbone, unfreeze: int | str, preprocess_id: str, joined: list[Backbone] = ()) -> SplitNet:
+    """`unfreeze`: 0 = all conv layers frozen (the study), N = last N stages trainable, "all" = everything.
+    `joined`: more frozen backbones whose pooled features are concatenated to `bb`'s (frozen models only)."""
     n = len(bb.stages) if unfreeze == "all" else int(unfreeze)
     if not 0 <= n <= len(bb.stages):
         raise ValueError(f"model.unfreeze={unfreeze!r}: {bb.name} has {len(bb.stages)} stages (0..{len(bb.stages)} "
                          "or 'all')")
+    if joined and n != 0:
+        raise ValueError(f"model.concat={[b.name for b in joined]} joins frozen pooled features: it needs "
+                         f"model.unfreeze=0 (got {unfreeze!r}); or set model.concat=[] to fine-tune {bb.name}")
     cut = len(bb.stages) - n
-    if n == 0:  # frozen: cache the pooled vector, the smallest thing to store
+    dim = bb.dim + sum(b.dim for b in joined)
+    if joined:  # one prefix computes every backbone on the same decoded, preprocessed photo
+        prefix, suffix = Joined([nn.Sequential(*b.stages, pool()) for b in (bb, *joined)]), nn.Identity()
+    elif n == 0:  # frozen: cache the pooled vector, the smallest thing to store
         prefix, suffix = nn.Sequential(*bb.stages, pool()), nn.Identity()
     else:
         prefix, suffix = nn.Sequential(*bb.stages[:cut]), nn.Sequential(*bb.stages[cut:], pool())
@@ -187,4 +212,5 @@ def split_backbone(bb: Backbone, unfreeze: int | str, preprocess_id: str) -> Spl
     for p in prefix.parameters():
         p.requires_grad_(False)
     key = f"{bb.name}|{bb.weights_id}|{preprocess_id}|cut={cut}|pooled={n == 0}|v1"
-    return SplitNet(prefix.eval(), suffix, bb.dim, hashlib.sha256(key.encode()).hexdigest()[:16])
+    key += "".join(f"|+{b.name}:{b.weights_id}" for b in joined)  # nothing added without joins: old caches stay valid
+    return SplitNet(prefix.eval(), suffix, dim, hashlib.sha256(key.encode()).hexdigest()[:16])

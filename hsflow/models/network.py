@@ -13,7 +13,7 @@ def assemble(prefix: nn.Module, suffix: nn.Module, head: nn.Module) -> nn.Sequen
 
 
 def build_network(meta: dict) -> nn.Sequential:
-    bb = build_backbone(meta["backbone"], pretrained=False)
-    net = split_backbone(bb, meta["unfreeze"], spec_id(meta["preprocess"]))
+    bb, *joined = (build_backbone(name, pretrained=False) for name in (meta["backbone"], *meta.get("concat", [])))
+    net = split_backbone(bb, meta["unfreeze"], spec_id(meta["preprocess"]), joined)
     head = head_from_spec(net.dim, len(meta["classes"]), meta["head"])  # older models: no kind, a softmax head
     return assemble(net.prefix, net.suffix, head)
