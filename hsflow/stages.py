@@ -147,10 +147,9 @@ def dataset(ctx: RunContext) -> None:
 def network(ctx: RunContext) -> None:
     """The backbone with its ImageNet weights, cut into a frozen prefix and a trainable suffix."""
     ctx.pre = preprocess_spec(ctx.cfg.model)
-    model = ctx.cfg.model
-    check_join(model.name, list(model.get("concat") or []))
-    bb, *joined = (build_backbone(name, model.pretrained, model.allow_download)
-                   for name in (model.name, *(model.get("concat") or [])))
+    model, concat = ctx.cfg.model, list(ctx.cfg.model.get("concat") or [])
+    check_join(model.name, concat)  # before any weights load: a torchvision name would try to fetch them first
+    bb, *joined = (build_backbone(name, model.pretrained, model.allow_download) for name in (model.name, *concat))
     ctx.net = split_backbone(bb, model.unfreeze, spec_id(ctx.pre), joined)
 
 
