@@ -1,6 +1,6 @@
 """The saved model folder: the whole network (frozen prefix + trained suffix + head) with its classes,
 preprocessing, calibration, unknown score and precedent index, saved as plain files (weights.pt + meta.json +
-unknown.pt + the precedent index: hsflow.precedents) inside an MLflow model. Every door (CLI, MLflow model, REST,
+unknown.npz + the precedent index: hsflow.precedents) inside an MLflow model. Every door (CLI, MLflow model, REST,
 page) answers from one of these folders through hsflow.recommend.
 
 It sits above the model layer (hsflow.models: backbones, head, LightningModule) and above the product features it
@@ -84,23 +84,34 @@ class HSModel:
     embedding = embed  # the name hsflow.unknown reads it by
 
     @torch.inference_mode()
-    def probabilities_and_embeddings(self, x: torch.Tensor, tta: bool | None = None):
-        """Calibrated class probabilities (with the mirror-image TTA if trained so) and embeddings, one forward."""
+    def forward(self, x: torch.Tensor, tta: bool | None = None):
+        """Calibrated class probabilities (with the mirror-image TTA if trained so), embeddings and raw logits of a
+        preprocessed batch, one forward: what every answer and the unknown score read."""
         tta = self.meta.get("tta", False) if tta is None else tta
         emb = self.embed(x)
         logits = self.net[2](emb)
         if tta:
             logits = (logits + self.net(torch.flip(x, dims=[-1]))) / 2
-        return torch.softmax(logits / self.temperature, dim=1), emb
+        return torch.softmax(logits / self.temperature, dim=1), emb, logits
+
+    def probabilities_and_embeddings(self, x: torch.Tensor, tta: bool | None = None):
+        """Calibrated class probabilities and embeddings, one forward."""
+        return self.forward(x, tta)[:2]
 
     def probabilities(self, x: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
         """Calibrated class probabilities for a preprocessed batch (with the mirror-image TTA if trained so)."""
-        return self.probabilities_and_embeddings(x, tta)[0]
+        return self.forward(x, tta)[0]
+
+    def unknown_scores(self, emb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """The unknown score of each photo (hsflow.unknown, numpy), None without a scorer."""
+        if self.unknown is None:
+            return None
+        return torch.from_numpy(self.unknown.score(emb.float().cpu().numpy(), logits.float().cpu().numpy()))
 
     def outputs(self, x: torch.Tensor, tta: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Calibrated probabilities and unknown scores (None without a scorer) from one forward pass."""
-        probs, emb = self.probabilities_and_embeddings(x, tta)
-        return probs, (self.unknown.score(emb) if self.unknown is not None else None)
+        probs, emb, logits = self.forward(x, tta)
+        return probs, self.unknown_scores(emb, logits)
 
 
 def load_model(uri: str) -> HSModel:
