@@ -332,6 +332,7 @@ def read_state(lay: Layout) -> dict | None:
 
 def ensure_free(host: str, port: int, what: str, option: str) -> None:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: only a listener is in the way
         try:
             s.bind((host, port))
         except OSError:
