@@ -325,3 +325,65 @@ def test_postgres_restarted_under_the_running_server_loses_no_row(team):
     with team.signed_in("alice") as c:
         assert exact(c, out.strip(), 0, 200)
         assert c.get_run(out.strip()).info.status == "FINISHED"
+
+
+# --- from the embedded store to the server ---------------------------------------------------------------------------
+
+def embedded_store(tiny_run, tmp: Path) -> str:
+    """A copy of the tiny run's SQLite store with a registered version (alias, tag) and a run that cannot be copied
+    (its artifact is a dangling link)."""
+    shutil.copy(Path(tiny_run["tracking_dir"]) / "mlflow.db", tmp / "mlflow.db")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    c = MlflowClient(uri)
+    (model,) = c.search_logged_models([c.get_run(tiny_run["run_id"]).info.experiment_id])
+    c.create_registered_model("hsflow-pushed", tags={registry.STACK_TAG: "1"})
+    c.create_model_version("hsflow-pushed", f"models:/{model.model_id}", run_id=tiny_run["run_id"],
+                           tags={"hsflow.window": "2018"}, description="pushed")
+    c.set_registered_model_alias("hsflow-pushed", "champion", "1")
+    broken_exp = c.create_experiment("team-broken", artifact_location=(tmp / "broken").as_uri())
+    broken = c.create_run(broken_exp, run_name="broken").info.run_id
+    c.log_param(broken, "p", "1")
+    (tmp / "broken" / broken / "artifacts").mkdir(parents=True)
+    (tmp / "broken" / broken / "artifacts" / "gone.txt").symlink_to(tmp / "nowhere")
+    c.set_terminated(broken)
+    return uri
+
+
+def test_push_copies_runs_models_and_versions_once_and_names_a_run_it_cannot_copy(team, tiny_run, tmp_path):
+    source = embedded_store(tiny_run, tmp_path)
+    procs = [subprocess.run([PY, "-m", "hsflow.push", "--from", source, "--to", team.url], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, **team.env("alice")})
+             for _ in range(2)]
+    for proc in procs:
+        failed = [ln for ln in proc.stderr.splitlines() if ln.startswith("failed:")]
+        assert proc.returncode == 1 and len(failed) == 1 and "(broken)" in failed[0], proc.stderr[-2000:]
+    assert "pushed 1 runs (0 already there), 1 logged models, 1 model versions" in procs[0].stdout
+    assert "pushed 0 runs (1 already there), 0 logged models, 0 model versions" in procs[1].stdout
+    src = MlflowClient(source)
+    with team.signed_in("alice") as dst:
+        (run,) = dst.search_runs([dst.get_experiment_by_name("hsflow").experiment_id],
+                                 f"tags.`hsflow.pushed_from` = '{tiny_run['run_id']}'")
+        assert not dst.search_runs([dst.get_experiment_by_name("team-broken").experiment_id])  # no half copy
+        old = src.get_run(tiny_run["run_id"])
+        assert run.data.params == old.data.params and run.data.metrics == old.data.metrics
+        assert run.info.status == "FINISHED" and run.info.start_time == old.info.start_time
+        for key in ("curves/loss_train", "curves/top1_val"):
+            assert [(m.step, m.value, m.timestamp) for m in dst.get_metric_history(run.info.run_id, key)] == \
+                [(m.step, m.value, m.timestamp) for m in src.get_metric_history(tiny_run["run_id"], key)]
+        assert {a.path for a in dst.list_artifacts(run.info.run_id, "plots")} == \
+            {a.path for a in src.list_artifacts(tiny_run["run_id"], "plots")}
+        v = dst.get_model_version_by_alias("hsflow-pushed", "champion")
+        assert v.run_id == run.info.run_id and v.tags["hsflow.window"] == "2018" and v.description == "pushed"
+        assert dst.get_registered_model("hsflow-pushed").tags[registry.STACK_TAG] == str(v.version)
+        import mlflow
+        from mlflow.tracking._tracking_service import utils
+
+        from hsflow.bundle import load_model
+
+        saved = getattr(utils, "_tracking_uri", None)
+        mlflow.set_tracking_uri(team.url)
+        try:
+            assert load_model("models:/hsflow-pushed@champion").classes == ["0401200000", "0808100000",
+                                                                            "2009120000"]
+        finally:
+            mlflow.set_tracking_uri(saved)
