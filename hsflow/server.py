@@ -306,6 +306,31 @@ def stop(data: Path = DEFAULT_DIR) -> list[str]:
     return done
 
 
+def backup(data: Path, dest: Path) -> dict:
+    """pg_dump (custom format) of both databases and a tar of the artifacts into dest/<UTC time>/, while the server
+    runs (pg_dump reads one consistent snapshot); returns {file: bytes} and the seconds it took."""
+    import datetime as dt
+    import tarfile
+
+    lay = Layout(Path(data).resolve())
+    state = read_state(lay)
+    if not state or not pg_running(lay):
+        raise ServerError(f"no server running from {lay.root}: `make server` first (pg_dump reads the running one)")
+    out = Path(dest).resolve() / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out.mkdir(parents=True)
+    t0 = time.perf_counter()
+    env = {**os.environ, "PGPASSWORD": lay.read_secret("pg_password")}
+    for db in DATABASES:
+        proc = subprocess.run([pg_bin("pg_dump"), "-h", "127.0.0.1", "-p", str(state["pg_port"]), "-U", PG_USER,
+                               "-Fc", "-f", str(out / f"{db}.dump"), db], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ServerError(f"pg_dump of {db} failed: {_last_line(proc.stderr)}")
+    with tarfile.open(out / "artifacts.tar.gz", "w:gz") as tar:
+        tar.add(lay.artifacts, arcname="artifacts")
+    return {"folder": str(out), "seconds": round(time.perf_counter() - t0, 1),
+            "files": {p.name: p.stat().st_size for p in sorted(out.iterdir())}}
+
+
 def client_line(state: dict, user: str = ADMIN) -> str:
     """The one line that points training (and every other door) at the server."""
     secret = Path(state["data"]) / "secret" / "admin_password"
@@ -395,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--port", type=int, default=DEFAULT_PORT)
             p.add_argument("--pg-port", type=int, default=DEFAULT_PG_PORT, help="PostgreSQL's (on 127.0.0.1)")
             p.add_argument("--workers", type=int, default=2, help="mlflow server processes")
+    p = sub.add_parser("backup", help="pg_dump of both databases and a tar of the artifacts, while it runs")
+    p.add_argument("dest", type=Path, help="folder that receives <UTC time>/{mlflow,mlflow_auth}.dump, artifacts.tar.gz")
+    p.add_argument("--data", type=Path, default=DEFAULT_DIR)
     p = sub.add_parser("add-user", help="an account on the server (run with the admin's credentials)")
     p.add_argument("name")
     p.add_argument("--admin", action="store_true")
@@ -452,7 +480,14 @@ def _cmd_add_user(args) -> int:
     return 0
 
 
-COMMANDS = {"start": _cmd_start, "stop": _cmd_stop, "status": _cmd_status, "add-user": _cmd_add_user}
+def _cmd_backup(args) -> int:
+    done = backup(args.data, args.dest)
+    print(f"backup in {done['folder']} ({done['seconds']} s): " + ", ".join(f"{k} {v / 1e6:.1f} MB"
+                                                                       for k, v in done["files"].items()))
+    return 0
+
+
+COMMANDS = {"backup": _cmd_backup, "start": _cmd_start, "stop": _cmd_stop, "status": _cmd_status, "add-user": _cmd_add_user}
 
 if __name__ == "__main__":
     sys.exit(main())
