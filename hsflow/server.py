@@ -19,6 +19,7 @@ admin's taken from $MLFLOW_AUTH_ADMIN_PASSWORD), and clients sign in with MLflow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -166,10 +167,21 @@ def stop_postgres(lay: Layout, mode: str = "fast") -> bool:
     return True
 
 
-def restart_postgres(lay: Layout) -> None:
-    """PostgreSQL restarted under a running mlflow server (what an OS update or a crash does)."""
-    subprocess.run(as_pg_user([pg_bin("pg_ctl"), "-D", str(lay.pg), "-m", "fast", "-w", "-t", "60", "restart"]),
-                   capture_output=True, check=True)
+def restart_postgres(data: Path) -> None:
+    """PostgreSQL stopped and started under a running mlflow server (what an OS update or a crash recovery does)."""
+    lay = Layout(Path(data).resolve())
+    stop_postgres(lay)
+    start_postgres(lay, read_state(lay)["pg_port"])
+
+
+def restart_mlflow(data: Path) -> dict:
+    """The mlflow server alone stopped and started again on the same address (PostgreSQL keeps running)."""
+    lay = Layout(Path(data).resolve())
+    state = read_state(lay)
+    stop_mlflow(state["pid"])
+    state["pid"] = start_mlflow(lay, state["host"], state["port"], state["pg_port"], state["workers"])
+    lay.state.write_text(json.dumps(state, indent=1))
+    return state
 
 
 def ensure_databases(lay: Layout, port: int) -> None:
@@ -289,7 +301,7 @@ def start(data: Path = DEFAULT_DIR, host: str = "127.0.0.1", port: int = DEFAULT
     ensure_databases(lay, pg_port)
     pid = start_mlflow(lay, host, port, pg_port, workers)
     state = {"url": f"http://{_client_host(host)}:{port}", "host": host, "port": port, "pg_port": pg_port,
-             "pid": pid, "data": str(lay.root), "created": created}
+             "workers": workers, "pid": pid, "data": str(lay.root), "created": created}
     lay.state.write_text(json.dumps(state, indent=1))
     return state
 
@@ -379,6 +391,8 @@ def _alive(pid: int) -> bool:
 
 
 def _kill_group(pid: int, timeout: float = 30) -> bool:
+    """SIGTERM to the server's process group (its uvicorn workers, job runner and huey consumers), SIGKILL to
+    whatever of it is left after `timeout` or once the server itself has gone."""
     if not _alive(pid):
         return False
     try:
@@ -386,16 +400,25 @@ def _kill_group(pid: int, timeout: float = 30) -> bool:
     except OSError:
         return False
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return True
-        except ChildProcessError:  # not our child (started by an earlier `make server`)
-            if not _alive(pid):
-                return True
+    while time.time() < deadline and _group_alive(pid):
+        with contextlib.suppress(ChildProcessError):  # reap it when it is our child (else it lingers as a zombie)
+            os.waitpid(pid, os.WNOHANG)
+        if not _alive(pid):  # the server has gone: what is left of its group gets 5 s more
+            deadline = min(deadline, time.time() + 5)
         time.sleep(0.2)
-    os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
     return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
 
 
 def _last_line(text: str) -> str:
