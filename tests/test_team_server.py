@@ -193,6 +193,10 @@ def test_joblib_sweep_with_two_parallel_workers(team, tiny_store, session_cache,
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
     assert sorted(r.data.params["model.head.dropout"] for r in trials) == ["0.3", "0.5"]
     assert {r.data.tags["mlflow.user"] for r in trials} == {"alice"}
+    # `make ui` on the server: the server is the UI, so it prints links to it and starts nothing.
+    ui = subprocess.run([PY, "-m", "hsflow.ui"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, **team.env("alice")})
+    assert ui.returncode == 0 and f"  team-grid: {team.url}/#/experiments/{exp.experiment_id}/runs?" in ui.stdout
 
 
 def test_ddp_through_the_cli(team, tiny_store, session_cache, tmp_path):
