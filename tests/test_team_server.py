@@ -138,7 +138,7 @@ def resumed(team, tiny_store, session_cache, tmp_path_factory):
     """A CLI training as alice whose server stops mid-fit; resumed once it is back."""
     tmp = tmp_path_factory.mktemp("resume")
     args = server_overrides(tiny_store, session_cache, tmp, "trainer.max_epochs=12", "batch_size=1",
-                            "logger.log_model=false", "logger.experiment_name=team-resume")
+                            "logger.log_model=false", "logger.experiment_name=team-resume", "unknown.enabled=false")
     fail_fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **team.env("alice", **fail_fast)}
     with open(tmp / "stdout", "w") as out, open(tmp / "stderr", "w") as err:  # files: a full pipe would block it
@@ -223,7 +223,8 @@ def refreshed(team, session_cache, tmp_path_factory):
                                     "optimizer.lr=1e-3", env=team.env("alice")))
     with team.signed_in("alice") as c:
         v1 = c.get_model_version("hsflow", "1")
-        c.create_model_version("hsflow", v1.source, run_id=v1.run_id, description="the same model, again")
+        c.create_model_version("hsflow", v1.source, run_id=v1.run_id, description="the same model, again",
+                               model_id=v1.source.removeprefix("models:/"))
     moves = [subprocess.run([PY, "-m", "hsflow.refresh", *flags], cwd=ROOT, capture_output=True, text=True,
                             timeout=600, env={**os.environ, **team.env("alice")})
              for flags in (["--promote", "2", "--reason", "by hand"], ["--rollback", "--reason", "back"])]
@@ -345,6 +346,19 @@ def test_postgres_restarted_under_the_running_server_loses_no_row_then_a_backup(
 
 # --- from the embedded store to the server ---------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def global_tracking_uri(uri: str):
+    """MLflow's process-wide tracking URI for a moment (what it was is given back, as tests/test_refresh.py does)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved = getattr(utils, "_tracking_uri", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)
+
 def embedded_store(tiny_run, tmp: Path) -> str:
     """A copy of the tiny run's SQLite store with a registered version (alias, tag) and a run that cannot be copied
     (its artifact is a dangling link)."""
@@ -353,8 +367,9 @@ def embedded_store(tiny_run, tmp: Path) -> str:
     c = MlflowClient(uri)
     (model,) = c.search_logged_models([c.get_run(tiny_run["run_id"]).info.experiment_id])
     c.create_registered_model("hsflow-pushed", tags={registry.STACK_TAG: "1"})
-    c.create_model_version("hsflow-pushed", f"models:/{model.model_id}", run_id=tiny_run["run_id"],
-                           tags={"hsflow.window": "2018"}, description="pushed")
+    with global_tracking_uri(uri):  # where MLflow looks the logged model up
+        c.create_model_version("hsflow-pushed", f"models:/{model.model_id}", run_id=tiny_run["run_id"],
+                               tags={"hsflow.window": "2018"}, description="pushed", model_id=model.model_id)
     c.set_registered_model_alias("hsflow-pushed", "champion", "1")
     broken_exp = c.create_experiment("team-broken", artifact_location=(tmp / "broken").as_uri())
     broken = c.create_run(broken_exp, run_name="broken").info.run_id
@@ -391,15 +406,8 @@ def test_push_copies_runs_models_and_versions_once_and_names_a_run_it_cannot_cop
         v = dst.get_model_version_by_alias("hsflow-pushed", "champion")
         assert v.run_id == run.info.run_id and v.tags["hsflow.window"] == "2018" and v.description == "pushed"
         assert dst.get_registered_model("hsflow-pushed").tags[registry.STACK_TAG] == str(v.version)
-        import mlflow
-        from mlflow.tracking._tracking_service import utils
-
         from hsflow.bundle import load_model
 
-        saved = getattr(utils, "_tracking_uri", None)
-        mlflow.set_tracking_uri(team.url)
-        try:
+        with global_tracking_uri(team.url):
             assert load_model("models:/hsflow-pushed@champion").classes == ["0401200000", "0808100000",
                                                                             "2009120000"]
-        finally:
-            mlflow.set_tracking_uri(saved)
