@@ -355,12 +355,16 @@ def client_line(state: dict, user: str = ADMIN) -> str:
 
 def add_user(url: str, name: str, password: str, admin: bool = False) -> None:
     """An account on the server, made by the admin (credentials from MLFLOW_TRACKING_USERNAME/PASSWORD)."""
-    from mlflow.server import get_app_client
+    import warnings
 
-    auth = get_app_client("basic-auth", tracking_uri=url)
-    auth.create_user(name, password)
-    if admin:
-        auth.update_user_admin(name, True)
+    with warnings.catch_warnings():  # importing MLflow's server app warns about Starlette; nothing for this user
+        warnings.simplefilter("ignore")
+        from mlflow.server import get_app_client
+
+        auth = get_app_client("basic-auth", tracking_uri=url)
+        auth.create_user(name, password)
+        if admin:
+            auth.update_user_admin(name, True)
 
 
 def read_state(lay: Layout) -> dict | None:
@@ -496,11 +500,20 @@ def _cmd_add_user(args) -> int:
     if not url.startswith("http"):
         raise ServerError("set MLFLOW_TRACKING_URI (and the admin's MLFLOW_TRACKING_USERNAME/PASSWORD) to the server "
                           "first: `make server` prints the line")
-    password = os.environ.get("HSFLOW_NEW_USER_PASSWORD") or getpass.getpass(f"password for {args.name}: ")
+    try:
+        password = os.environ.get("HSFLOW_NEW_USER_PASSWORD") or getpass.getpass(f"password for {args.name}: ")
+    except EOFError:
+        raise ServerError("no password given: type it at the prompt, or set HSFLOW_NEW_USER_PASSWORD") from None
     try:
         add_user(url, args.name, password, args.admin)
     except MlflowException as exc:
-        raise ServerError(f"{url} refused to create user {args.name!r}: {_last_line(exc.message)}") from None
+        why = exc.message.strip().splitlines()[0][:300]
+        if "duplicate key" in why or "UNIQUE" in why or "already exists" in why:
+            why = "that user exists already"
+        elif "403" in why or "401" in why:
+            why = ("only an admin may create users: sign in as one (MLFLOW_TRACKING_USERNAME/PASSWORD; `make server` "
+                   "prints the admin's line)")
+        raise ServerError(f"{url} refused to create user {args.name!r}: {why}") from None
     print(f"user {args.name!r} created on {url}{' (admin)' if args.admin else ''}; they sign in with "
           f"MLFLOW_TRACKING_USERNAME={args.name} MLFLOW_TRACKING_PASSWORD=... or ~/.mlflow/credentials")
     return 0
