@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: install train refresh test test-fast bench bench-scale ui serve review crawl-demo clean
+.PHONY: install train refresh test test-fast bench bench-scale ui serve review crawl-demo server server-stop clean
 
 # Re-install only when the project's requirements change.
 .venv/.installed: pyproject.toml
@@ -50,6 +50,12 @@ serve: install            ## the champion (else the latest make-train model) as 
 
 review: install           ## the review page over the champion (else the latest make-train model) on http://127.0.0.1:8000
 	$(PY) -m hsflow.review $(ARGS)
+
+server: install           ## a team's tracking server: PostgreSQL + mlflow server with sign-in on http://127.0.0.1:5000, data in data/server (docs/team.md)
+	$(PY) -m hsflow.server start $(ARGS)
+
+server-stop: install      ## stop `make server` (both processes; the data stays)
+	$(PY) -m hsflow.server stop $(ARGS)
 
 crawl-demo: install       ## serve the shipped demo through the local portal stand-in and crawl it into data/crawl
 	$(PY) -m crawler.crawl_demo $(ARGS)

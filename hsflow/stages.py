@@ -17,7 +17,7 @@ import logging
 import math
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -107,8 +107,10 @@ def execute(cfg: DictConfig, stages: list) -> dict | None:
             if ctx.rank_zero or getattr(stage, "every_rank", False):
                 stage(ctx)
     except BaseException as exc:
+        exc.hsflow_run_id = ctx.run_id  # hsflow.train names the run to resume when the tracking server went away
         if ctx.run_id is not None and mlflow.active_run() is not None:
-            mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            with suppress(Exception):  # the store may be what failed: the first error is the one to tell
+                mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     return ctx.result() if ctx.rank_zero else None
 

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -62,7 +63,12 @@ def experiment_tags() -> dict[str, str]:
 def _get_or_create(name: str, location: str | None) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        return mlflow.create_experiment(name, artifact_location=location, tags=experiment_tags())
+        try:
+            return mlflow.create_experiment(name, artifact_location=location, tags=experiment_tags())
+        except MlflowException as exc:  # a parallel sweep job made it first on a tracking server (no file lock there)
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = mlflow.get_experiment_by_name(name)
     for key, value in experiment_tags().items():  # an experiment made before hsflow set them (or an older view)
         if exp.tags.get(key) != value:
             MlflowClient().set_experiment_tag(exp.experiment_id, key, value)

@@ -6,8 +6,10 @@ The run is the list of stages in `run` below. The last line printed is `run_id=<
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations must not reach for the internet
 
@@ -44,6 +46,33 @@ def run(cfg: DictConfig) -> dict | None:
     ])
 
 
+def tracking_failure(exc: Exception, cfg: DictConfig) -> str | None:
+    """One line for a tracking server (MLFLOW_TRACKING_URI=http...) that stopped answering or refused the
+    credentials: which server, and for a run that had started, its id, its checkpoint and how to continue it. None
+    for anything else (that keeps its traceback)."""
+    from mlflow.exceptions import MlflowException
+
+    uri = str(cfg.logger.tracking_uri)
+    if not uri.startswith(("http://", "https://")) or not isinstance(exc, MlflowException):
+        return None
+    if exc.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME") or "no user (no MLFLOW_TRACKING_USERNAME)"
+        return (f"the tracking server {uri} refused {who} ({exc.error_code}): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) to an account with write access to experiment "
+                f"{cfg.logger.experiment_name!r} (docs/team.md)")
+    text = str(exc)
+    if "failed with exception" not in text and not exc.error_code.startswith(("TEMPORARILY", "INTERNAL")):
+        return None
+    found = re.search(r"\[Errno -?\d+\] ([^\"')]+)|(Read timed out)|(\d{3} != 200)", text)
+    reason = next((g for g in found.groups() if g), "") if found else text.split(". ")[0]
+    run_id = getattr(exc, "hsflow_run_id", None)
+    if run_id is None:
+        return f"the tracking server {uri} did not answer ({reason[:160]}); nothing was logged: start it and run again"
+    where = "where it started" if cfg.get("resume") else Path(cfg.paths.output_dir, "checkpoints").resolve()
+    return (f"the tracking server {uri} stopped answering ({reason[:160]}) during run {run_id}; its checkpoint is "
+            f"kept ({where}): once the server is back, continue the same run with resume={run_id}")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -60,6 +89,12 @@ def main(cfg: DictConfig) -> float:
     except (WeightsMissing, StoreError, FileNotFoundError, ValueError) as exc:  # a wrong value: one line, no trace
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - a tracking server that went away or said no: one line, else re-raised
+        line = tracking_failure(exc, cfg)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(3)
     if result is None:  # another process of a DDP run: it fitted its share; rank zero reports
         return None
     print(f"run_id={result['run_id']} test_top1={result['test_top1']:.4f}", flush=True)

@@ -1,5 +1,6 @@
 """`python -m hsflow.ui [--port 5000]` (`make ui`): MLflow's UI over the project's tracking store, with one link per
-experiment that opens it on its runs in hsflow's accuracy view.
+experiment that opens it on its runs in hsflow's accuracy view. With MLFLOW_TRACKING_URI on a team's server (`make
+server`), that server is the UI: the links point at it and nothing is started.
 
 MLflow 3.17's UI chooses between its GenAI and Model-training layouts per browser (a switch at the top left,
 `workflowType` in the URL), defaulting to GenAI, and shows no metric column until one is chosen; the links carry
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=5000)
     args = ap.parse_args(argv)
     uri = default_tracking_uri()
+    if uri.startswith(("http://", "https://")):  # a team's server (make server) is the UI itself: nothing to start
+        found = links(uri, uri.rstrip("/"))
+        print(f"MLflow UI of the tracking server {uri} (sign in as MLFLOW_TRACKING_USERNAME); open an experiment on "
+              "its runs:", *(found or ["  (no experiment yet: run `make train`)"]), sep="\n", flush=True)
+        return
     base = f"http://{args.host}:{args.port}"
     found = links(uri, base)
     print(f"MLflow UI on {base} over {uri}; open an experiment on its runs:", *(found or ["  (no experiment yet: "
