@@ -1,0 +1,78 @@
+"""The frozen networks through ONNX Runtime on the CPU (hsflow/runtime.py): the same features as torch within
+runtime.TOLERANCE, the same test top-1, the export cached and keyed like the feature cache, and one warning line
+(then torch) when the runtime cannot be used."""
+import sys
+
+import pytest
+import torch
+
+from hsflow import runtime as rt
+from hsflow.data.transforms import build_preprocess, spec_id
+from hsflow.images import open_rgb
+from hsflow.models.backbones import build_backbone, split_backbone
+
+SPEC = {"size": 224, "resize": 256, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def _photos(store, n=8):
+    pre = build_preprocess(SPEC)
+    return torch.stack([pre(open_rgb(p, draft_size=SPEC["resize"])) for p in sorted((store / "photos").glob("*.jpg"))[:n]])
+
+
+@pytest.mark.parametrize("unfreeze", [0, 1])
+def test_runtime_features_equal_torch_and_the_export_is_cached(tiny_store, tmp_path, unfreeze, capsys):
+    net = split_backbone(build_backbone("efficientnet_lite0"), unfreeze, spec_id(SPEC))
+    x = _photos(tiny_store)
+    shape = tuple(x.shape[1:])
+    onnx = rt.frozen_network(net.prefix, cache_dir=tmp_path, cache_id=net.cache_id, input_shape=shape)
+    ours, theirs = onnx(x), rt.torch_forward(net.prefix, "cpu")(x)
+    assert ours.shape == theirs.shape and ours.dtype == torch.float32
+    assert (ours - theirs).abs().max().item() < rt.TOLERANCE
+    path = rt.prefix_path(tmp_path, net.cache_id, shape)
+    assert path.is_file() and net.cache_id in path.name and f"opset{rt.OPSET}" in path.name
+    assert f"ort{rt.ort_version()}" in path.name and "3x224x224" in path.name
+    stamp = path.stat().st_mtime_ns
+    again = rt.frozen_network(net.prefix, cache_dir=tmp_path, cache_id=net.cache_id, input_shape=shape)
+    assert path.stat().st_mtime_ns == stamp  # exported once, then read from the cache
+    assert (again(x[:3]) - ours[:3]).abs().max().item() < rt.TOLERANCE
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_top1_through_the_runtime_equals_torch(tiny_run):
+    """The trained tiny model's head over ONNX Runtime features and over torch features: the same top-1 on every
+    photo of the tiny store (test split included)."""
+    import mlflow
+
+    from hsflow.bundle import load_model
+
+    mlflow.set_tracking_uri(tiny_run["tracking_uri"])
+    model = load_model(f"runs:/{tiny_run['run_id']}/model")
+    pre = model.preprocess()
+    x = torch.stack([pre(open_rgb(p, draft_size=model.meta["preprocess"]["resize"]))
+                     for p in sorted((tiny_run["store"] / "photos").glob("*.jpg"))])
+    prefix, rest = model.net[0], torch.nn.Sequential(model.net[1], model.net[2])
+    feats_ort = rt.frozen_network(prefix, cache_dir=tiny_run["tracking_dir"], cache_id="tiny",
+                                  input_shape=tuple(x.shape[1:]))(x)
+    feats_torch = rt.torch_forward(prefix, "cpu")(x)
+    assert (feats_ort - feats_torch).abs().max().item() < rt.TOLERANCE
+    with torch.inference_mode():
+        assert torch.equal(rest(feats_ort).argmax(1), rest(feats_torch).argmax(1))
+
+
+def test_runtime_not_installed_falls_back_to_torch_with_one_line(tiny_store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what Python does for a package that is not installed
+    monkeypatch.setattr(rt, "_warned", set())
+    net = split_backbone(build_backbone("efficientnet_lite0"), 0, spec_id(SPEC))
+    x = _photos(tiny_store, 2)
+    for _ in range(2):
+        forward = rt.frozen_network(net.prefix, cache_dir=tmp_path, cache_id=net.cache_id, input_shape=tuple(x.shape[1:]))
+    assert torch.equal(forward(x), rt.torch_forward(net.prefix, "cpu")(x))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "onnxruntime is not installed" in err[0] and err[0].startswith("warning:")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_runtime_choice_is_checked():
+    with pytest.raises(ValueError, match="runtime='tvm'"):
+        rt.frozen_network(torch.nn.Identity(), cache_dir="/nonexistent", cache_id="x", input_shape=(3, 4, 4),
+                          runtime="tvm")
