@@ -7,7 +7,8 @@ when the photo lies farther from every training photo than validation photos do 
 needs review and its codes are only the nearest trained ones; and the precedents: the training rulings whose photos
 look most alike (hsflow.precedents), with whether the nearest one's code agrees with the top candidate; and which
 model answered (`model`: its run and, for a registered version, name, version and aliases). Without --model the
-registered model's `champion` answers (hsflow.registry, docs/refresh.md). Photos
+registered model's `champion` answers, else the latest `make train` model (hsflow.registry.default_model_uri, the
+rule of every door; docs/refresh.md). Photos
 (files, or bytes as PhotoInput) are
 decoded and preprocessed exactly as training did (`open_rgb` with JPEG draft decoding at the resize size, then
 the model's preprocessing), so top-1 on a test split equals the test top-1 the training run logged.
@@ -414,24 +415,25 @@ def to_table(rec: Recommendation) -> str:
     return "\n".join(lines)
 
 
-def champion(name: str | None) -> str | None:
-    """models:/<name>/<version> of the registered model's champion (hsflow by default), or None after one error
-    line saying what to do."""
-    from hsflow.registry import DEFAULT_NAME, champion_uri
+def default_model(name: str | None) -> str | None:
+    """The model every door answers with when none is named (hsflow.registry.default_model_uri: the registered
+    model's champion, else the latest `make train` model), or None after one error line saying what to do."""
+    from hsflow.registry import default_model_uri
 
-    name = name or DEFAULT_NAME
-    uri = champion_uri(name, tracking_uri())
-    if uri is None:
-        print(f"error: no --model given and registered model {name!r} has no champion in {tracking_uri()}: "
-              "pass --model runs:/<run id>/model (or a folder), or run `make refresh`", file=sys.stderr)
-    return uri
+    try:
+        return default_model_uri(name, tracking_uri=tracking_uri())
+    except LookupError as exc:
+        print(f"error: no --model given and {exc}; or pass --model runs:/<run id>/model (or a folder)",
+              file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hsflow.recommend", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="runs:/<run id>/model, models:/<name>/<version>, "
-                    "models:/<name>@<alias> or a folder (default: the registered model's champion)")
+                    "models:/<name>@<alias> or a folder (default: the registered model's champion, else the "
+                    "latest `make train` model)")
     ap.add_argument("--registered-model", default=None, metavar="NAME",
                     help="whose champion answers when --model is not given (default: hsflow)")
     ap.add_argument("--top-k", type=int, default=5)
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print(f"error: no photos found in {' '.join(args.paths)}", file=sys.stderr)
         return 2
-    args.model = args.model or champion(args.registered_model)
+    args.model = args.model or default_model(args.registered_model)
     if args.model is None:
         return 2
     try:

@@ -26,6 +26,7 @@ import numpy as np
 OPSET = 17          # the ONNX opset every export states (TorchScript exporter; ONNX Runtime >= 1.14 runs it)
 TOLERANCE = 1e-4    # max |ONNX Runtime - torch| accepted on pooled features (measured ~1e-5: docs/benchmarks.md)
 RUNTIMES = ("onnx", "torch")
+ENV = "HSFLOW_RUNTIME"  # the doors' switch (recommend, make serve, make review): HSFLOW_RUNTIME=torch answers in torch
 INPUT = "input"
 _warned: set[str] = set()
 

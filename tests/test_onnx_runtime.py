@@ -76,3 +76,30 @@ def test_runtime_choice_is_checked():
     with pytest.raises(ValueError, match="runtime='tvm'"):
         rt.frozen_network(torch.nn.Identity(), cache_dir="/nonexistent", cache_id="x", input_shape=(3, 4, 4),
                           runtime="tvm")
+
+
+def test_saved_model_answers_through_the_runtime_as_torch_does(tiny_run, tmp_path):
+    """The model folder carries network.onnx; every door (they all call iter_recommend) answers through it on a CPU
+    with the codes, probabilities, flags and precedents the torch path gives, and a corrupt photo is one error."""
+    import mlflow
+
+    from hsflow.bundle import ONNX, load_model
+    from hsflow.recommend import as_json, recommend
+
+    mlflow.set_tracking_uri(tiny_run["tracking_uri"])
+    model = load_model(f"runs:/{tiny_run['run_id']}/model")
+    assert model.onnx is not None and model.onnx.path.name == ONNX
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    photos = sorted((tiny_run["store"] / "photos").glob("*.jpg"))[::4] + [bad]
+    through_onnx = [as_json(r) for r in recommend(model, photos, 3, device="cpu", num_workers=0)]
+    model.runtime = "torch"
+    through_torch = [as_json(r) for r in recommend(model, photos, 3, device="cpu", num_workers=0)]
+    assert through_onnx[-1]["error"] and through_onnx[-1] == through_torch[-1]
+    for a, b in zip(through_onnx[:-1], through_torch[:-1]):
+        assert [c["hs_code"] for c in a["candidates"]] == [c["hs_code"] for c in b["candidates"]]
+        assert [c["probability"] for c in a["candidates"]] == pytest.approx(
+            [c["probability"] for c in b["candidates"]], abs=1e-5)
+        assert (a["needs_review"], a["unknown"]) == (b["needs_review"], b["unknown"])
+        assert a["unknown_score"] == pytest.approx(b["unknown_score"], abs=1e-5)
+        assert [p["rrdc_no"] for p in a["precedents"]] == [p["rrdc_no"] for p in b["precedents"]]

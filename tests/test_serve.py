@@ -192,3 +192,20 @@ def test_rest_answers_base64_photos_and_one_error_for_a_corrupt_one(rest, tiny_r
     # The server reads no path on its own disk.
     status, body = invoke(rest.url, {"dataframe_split": {"columns": ["path"], "data": [[str(shots[0])]]}})
     assert status == 200 and "reads no paths" in body["predictions"][0]["error"]
+
+
+def test_every_door_defaults_to_the_champion_else_the_latest_make_train_model(tiny_run, monkeypatch, capsys):
+    """One rule (hsflow.registry.default_model_uri) for the CLI, make serve and make review: right after
+    `make train`, with no champion yet, `python -m hsflow.recommend photo.jpg` answers with the latest model."""
+    from hsflow.registry import default_model_uri
+
+    latest = f"runs:/{tiny_run['run_id']}/model"
+    assert default_model_uri(tracking_uri=tiny_run["tracking_uri"]) == latest
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_run["tracking_uri"])
+    photo = sorted((tiny_run["store"] / "photos").glob("*.jpg"))[0]
+    assert R.main(["--format", "json", str(photo)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["model"]["run_id"] == tiny_run["run_id"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_run['tracking_dir']}/none.db")
+    assert R.main([str(photo)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no --model given" in err[0] and "make train" in err[0]
