@@ -268,7 +268,8 @@ def table(results: dict) -> str:
             ("d", "crawl rulings/s (stand-in, no throttle)", "crawl_rulings_per_s", "")]
     lines = ["| | measure | value |", "|---|---|---|"]
     lines += [f"| {k} | {label} | {results[key]}{unit} |" for k, label, key, unit in rows if key in results]
-    return "\n".join(lines) + ("\n\n" + runtimes_table(results) if "runtimes" in results else "")
+    parts = ["\n".join(lines)] if len(lines) > 2 else []
+    return "\n\n".join(parts + ([runtimes_table(results)] if "runtimes" in results else []))
 
 
 def main(argv: list[str] | None = None) -> int:

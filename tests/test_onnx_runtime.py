@@ -103,3 +103,20 @@ def test_saved_model_answers_through_the_runtime_as_torch_does(tiny_run, tmp_pat
         assert (a["needs_review"], a["unknown"]) == (b["needs_review"], b["unknown"])
         assert a["unknown_score"] == pytest.approx(b["unknown_score"], abs=1e-5)
         assert [p["rrdc_no"] for p in a["precedents"]] == [p["rrdc_no"] for p in b["precedents"]]
+
+
+def test_numpy_preprocessing_equals_torchvision(tiny_store):
+    """The torch-free input path (hsflow.images.preprocess_array) gives torchvision's numbers to the bit, for the
+    Lite configs' sizes and photos of every orientation."""
+    import numpy as np
+    from PIL import Image
+
+    from hsflow.images import preprocess_array
+
+    photos = [open_rgb(p, draft_size=256) for p in sorted((tiny_store / "photos").glob("*.jpg"))[:4]]
+    photos += [Image.new("RGB", (300, 500), (10, 200, 30)), photos[0].rotate(90, expand=True).resize((611, 257))]
+    for spec in (SPEC, {"size": 240, "resize": 274, "mean": [0.5] * 3, "std": [0.5] * 3},
+                 {"size": 224, "resize": 256, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}):
+        torchvision = build_preprocess(spec)
+        for img in photos:
+            assert np.array_equal(preprocess_array(img, spec), torchvision(img).numpy())
