@@ -234,6 +234,7 @@ def bench_runtimes(batches=(1, 32), rounds: int = 3) -> dict:
                           "vs_eager": round(v / speed["torch eager"], 2), "max_abs_diff": diff[name]}
                          for name, v in speed.items()]
     return {"runtimes": rows, "runtimes_peak": peak, "runtimes_rounds": rounds,
+            "runtimes_load_average": [round(v, 1) for v in os.getloadavg()],  # other jobs on the same cores
             "onnxruntime_version": __import__("onnxruntime").__version__}
 
 
