@@ -7,9 +7,12 @@ It sits above the model layer (hsflow.models: backbones, head, LightningModule) 
 bundles (hsflow.unknown, hsflow.precedents), so the network code never depends on them.
 
 The folder also carries the whole network exported to ONNX (`network.onnx`: a preprocessed batch in, `logits` and
-the pooled `embedding` out; hsflow.runtime). On a CPU every door answers through ONNX Runtime from it (2-3x torch
+the pooled `embedding` out; hsflow.runtime). On a CPU every door answers through ONNX Runtime from it (3-5x torch
 eager), with the same codes and probabilities as torch (tests/test_onnx_runtime.py); a model saved without it, a
-GPU, or HSFLOW_RUNTIME=torch in the environment (`runtime = "torch"`) answer through torch.
+GPU, or HSFLOW_RUNTIME=torch in the environment (`runtime = "torch"`) answer through torch. `forward_arrays` is the
+one seam: preprocessed photos in, (logits, embeddings) out, numpy; torch is imported only where torch runs the
+network or saves it, so a folder with network.onnx loads and answers without torch (the precedent index is numpy;
+the unknown score and the review rule are hsflow.unknown's and hsflow.calibration's).
 
 Loading never unpickles arbitrary objects: meta is JSON and the weights load with `torch.load(weights_only=True)`
 into a network rebuilt from the backbone registry (no download: the weights file holds every parameter).
@@ -20,34 +23,26 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+import numpy as np
 
 from hsflow import runtime as rt
-from hsflow.data.transforms import build_preprocess
-from hsflow.models.network import build_network
+from hsflow.images import preprocess_array
 from hsflow.precedents import PrecedentIndex
-from hsflow.unknown import UnknownScorer
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from hsflow.unknown import UnknownScorer
 
 WEIGHTS, META, ONNX = "weights.pt", "meta.json", "network.onnx"
 
 
-class _LogitsAndEmbedding(nn.Module):
-    """The saved network with both outputs every door reads: what is exported to network.onnx."""
-
-    def __init__(self, net: nn.Sequential):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        emb = self.net[1](self.net[0](x))
-        return self.net[2](emb), emb
-
-
 @dataclass
 class HSModel:
-    net: nn.Sequential
+    net: nn.Sequential | None  # None: loaded without torch (network.onnx answers)
     meta: dict  # backbone, unfreeze, head, classes, preprocess, temperature, review_threshold, run facts
     precedents: PrecedentIndex | None = field(default=None, repr=False)  # training photos' rulings, if saved
     unknown: UnknownScorer | None = field(default=None, repr=False)  # training embeddings + threshold; None: never
@@ -66,9 +61,18 @@ class HSModel:
         return float(self.meta.get("temperature", 1.0))
 
     def preprocess(self):
+        """PIL RGB -> normalized torch tensor (torchvision), for torch callers; the doors use `preprocess_array`."""
+        from hsflow.data.transforms import build_preprocess
+
         return build_preprocess(self.meta["preprocess"])
 
+    def preprocess_array(self, img) -> np.ndarray:
+        """PIL RGB -> the network's float32 CHW input, numpy, to the bit what `preprocess` gives (no torch)."""
+        return preprocess_array(img, self.meta["preprocess"])
+
     def save(self, folder: Path) -> list[Path]:
+        import torch
+
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(self.net.state_dict(), folder / WEIGHTS)
         meta = {k: v for k, v in self.meta.items() if k != "unknown"}
@@ -81,59 +85,98 @@ class HSModel:
 
     @classmethod
     def load(cls, folder: Path) -> "HSModel":
-        """Load from a folder holding weights.pt and meta.json (searched recursively: an MLflow model dir works)."""
+        """Load from a folder holding meta.json and weights.pt and/or network.onnx (searched recursively: an MLflow
+        model dir works). Without torch installed, network.onnx answers and the network in torch is not built."""
         folder = Path(folder)
         metas = [folder / META] if (folder / META).is_file() else sorted(folder.rglob(META))
         if not metas:
             raise FileNotFoundError(f"{folder}: no {META} found; is this an hsflow model?")
-        meta = json.loads(metas[0].read_text())
-        net = build_network(meta)
-        net.load_state_dict(torch.load(metas[0].parent / WEIGHTS, map_location="cpu", weights_only=True))
-        unknown = UnknownScorer.load(metas[0].parent, meta["unknown"]) if meta.get("unknown") else None
-        onnx = metas[0].parent / ONNX
-        try:
-            session = rt.OnnxNetwork(onnx) if onnx.is_file() and os.environ.get(rt.ENV) != "torch" else None
-        except Exception as exc:  # noqa: BLE001 - onnxruntime missing or the file refused: torch answers
-            rt.warn_once(f"{onnx} not used, torch answers ({rt.unavailable(exc)})")
-            session = None
-        return cls(net.eval(), meta, PrecedentIndex.load(metas[0].parent), unknown, onnx=session,
+        meta, folder = json.loads(metas[0].read_text()), metas[0].parent
+        session = _session(folder / ONNX)
+        net = _torch_network(meta, folder, needed=session is None)
+        if meta.get("unknown"):
+            from hsflow.unknown import UnknownScorer
+
+            unknown = UnknownScorer.load(folder, meta["unknown"])
+        else:
+            unknown = None
+        return cls(net, meta, PrecedentIndex.load(folder), unknown, onnx=session,
                    runtime=rt.check_runtime(os.environ.get(rt.ENV, "onnx")))
 
     def export(self, folder: Path) -> list[Path]:
         """network.onnx beside weights.pt; [] (and one warning line: torch will answer) when the export fails."""
+        import torch
+
+        from hsflow.models.network import LogitsAndEmbedding
+
         size = int(self.meta["preprocess"]["size"])
         try:
-            return [rt.export(_LogitsAndEmbedding(self.net).eval(), torch.zeros(2, 3, size, size), folder / ONNX,
+            return [rt.export(LogitsAndEmbedding(self.net).eval(), torch.zeros(2, 3, size, size), folder / ONNX,
                               ["logits", "embedding"])]
         except Exception as exc:  # noqa: BLE001 - a network the exporter refuses is still a saved model
             rt.warn_once(f"the model is saved without {ONNX}, torch will answer ({rt.unavailable(exc)})")
             return []
 
+    def forward_arrays(self, x: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+        """The seam every answer goes through: preprocessed photos (N, 3, H, W float32) -> (logits, pooled
+        embeddings), float32 numpy. ONNX Runtime answers on a CPU when the folder carries network.onnx (and runtime
+        is onnx); torch otherwise, converting here and nowhere else."""
+        if self._through_onnx(device):
+            out = self.onnx.run(x)
+            return out["logits"], out["embedding"]
+        import torch
+
+        logits, emb = self.logits_and_embeddings(torch.from_numpy(np.ascontiguousarray(x)).to(device))
+        return logits.cpu().numpy(), emb.cpu().numpy()
+
+    def answer_arrays(self, x: np.ndarray, device: str = "cpu", tta: bool | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated class probabilities (softmax of logits / temperature; with the mirror-image TTA if trained
+        so) and embeddings of preprocessed photos, numpy: what hsflow.recommend reads."""
+        tta = self.meta.get("tta", False) if tta is None else tta
+        logits, emb = self.forward_arrays(x, device)
+        if tta:
+            logits = (logits + self.forward_arrays(np.ascontiguousarray(x[..., ::-1]), device)[0]) / 2
+        z = logits / np.float32(self.temperature)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True), emb
+
+    def _through_onnx(self, device: str) -> bool:
+        return self.onnx is not None and (self.runtime == "onnx" or self.net is None) and str(device) == "cpu"
+
     def logits_and_embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The seam every answer goes through: a preprocessed batch -> (logits, pooled embeddings), float32. ONNX
-        Runtime answers for a CPU batch when the folder carries network.onnx (and runtime is onnx), torch otherwise."""
-        if self.onnx is not None and self.runtime == "onnx" and x.device.type == "cpu":
+        """(logits, pooled embeddings) of a preprocessed torch batch, float32 torch, through the same engine as
+        `forward_arrays` (torch callers: training's figures, tests, the bench)."""
+        import torch
+
+        if self._through_onnx(x.device.type):
             out = self.onnx.run(x.float().numpy())
             return torch.from_numpy(out["logits"]), torch.from_numpy(out["embedding"])
         with torch.inference_mode():
             emb = self.net[1](self.net[0](x))
             return self.net[2](emb).float(), emb.float()
 
-    @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        import torch
 
-    @torch.inference_mode()
+        with torch.inference_mode():
+            return self.net(x)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled embedding of a preprocessed batch: what the head reads (frozen prefix, then the trained
         suffix for unfreeze > 0 models); the precedent index holds the training photos' embeddings."""
-        return self.net[1](self.net[0](x))
+        import torch
+
+        with torch.inference_mode():
+            return self.net[1](self.net[0](x))
 
     embedding = embed  # the name hsflow.unknown reads it by
 
-    @torch.inference_mode()
     def probabilities_and_embeddings(self, x: torch.Tensor, tta: bool | None = None):
-        """Calibrated class probabilities (with the mirror-image TTA if trained so) and embeddings, one forward."""
+        """Calibrated class probabilities (with the mirror-image TTA if trained so) and embeddings, one forward
+        (torch tensors, for torch callers)."""
+        import torch
+
         tta = self.meta.get("tta", False) if tta is None else tta
         logits, emb = self.logits_and_embeddings(x)
         if tta:
@@ -148,6 +191,33 @@ class HSModel:
         """Calibrated probabilities and unknown scores (None without a scorer) from one forward pass."""
         probs, emb = self.probabilities_and_embeddings(x, tta)
         return probs, (self.unknown.score(emb) if self.unknown is not None else None)
+
+
+def _session(path: Path) -> rt.OnnxNetwork | None:
+    """network.onnx under ONNX Runtime; None when absent, refused (one warning line) or HSFLOW_RUNTIME=torch."""
+    if not path.is_file() or os.environ.get(rt.ENV) == "torch":
+        return None
+    try:
+        return rt.OnnxNetwork(path)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime missing or the file refused: torch answers
+        rt.warn_once(f"{path} not used, torch answers ({rt.unavailable(exc)})")
+        return None
+
+
+def _torch_network(meta: dict, folder: Path, needed: bool):
+    """The network rebuilt in torch from weights.pt; None when torch is not installed and network.onnx answers."""
+    try:
+        import torch
+
+        from hsflow.models.network import build_network
+    except ImportError:
+        if needed:
+            raise ImportError(f"{folder}: this model has no usable {ONNX}, and torch is not installed to run "
+                              f"{WEIGHTS}") from None
+        return None
+    net = build_network(meta)
+    net.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
+    return net.eval()
 
 
 def load_model(uri: str) -> HSModel:

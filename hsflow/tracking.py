@@ -34,8 +34,8 @@ VIEW_COLUMNS = ["metrics.`curves/top1_val`", "metrics.`test/top1`", "metrics.`te
 # What the logged model's own environment installs (`mlflow models serve --env-manager virtualenv|uv`, build-docker):
 # the packages the loaded model imports, at the versions it was trained with. hsflow itself ships inside the model
 # (MLflow `code_paths`: <model>/code/hsflow), so the model installs away from the checkout it was trained in.
-SERVED_PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "omegaconf", "efficientnet_lite_pytorch",
-                   "onnxruntime", "numpy", "pillow", "tqdm")
+SERVED_PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "omegaconf",
+                   "efficientnet_lite_pytorch", "onnxruntime", "numpy", "pillow", "tqdm")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 

@@ -2,6 +2,7 @@
 runtime.TOLERANCE, the same test top-1, the export cached and keyed like the feature cache, and one warning line
 (then torch) when the runtime cannot be used."""
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ SPEC = {"size": 224, "resize": 256, "mean": [0.5] * 3, "std": [0.5] * 3}
 
 def _photos(store, n=8):
     pre = build_preprocess(SPEC)
-    return torch.stack([pre(open_rgb(p, draft_size=SPEC["resize"])) for p in sorted((store / "photos").glob("*.jpg"))[:n]])
+    files = sorted((store / "photos").glob("*.jpg"))[:n]
+    return torch.stack([pre(open_rgb(p, draft_size=SPEC["resize"])) for p in files])
 
 
 @pytest.mark.parametrize("unfreeze", [0, 1])
@@ -65,7 +67,8 @@ def test_runtime_not_installed_falls_back_to_torch_with_one_line(tiny_store, tmp
     net = split_backbone(build_backbone("efficientnet_lite0"), 0, spec_id(SPEC))
     x = _photos(tiny_store, 2)
     for _ in range(2):
-        forward = rt.frozen_network(net.prefix, cache_dir=tmp_path, cache_id=net.cache_id, input_shape=tuple(x.shape[1:]))
+        forward = rt.frozen_network(net.prefix, cache_dir=tmp_path, cache_id=net.cache_id,
+                                    input_shape=tuple(x.shape[1:]))
     assert torch.equal(forward(x), rt.torch_forward(net.prefix, "cpu")(x))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "onnxruntime is not installed" in err[0] and err[0].startswith("warning:")
@@ -120,3 +123,70 @@ def test_numpy_preprocessing_equals_torchvision(tiny_store):
         torchvision = build_preprocess(spec)
         for img in photos:
             assert np.array_equal(preprocess_array(img, spec), torchvision(img).numpy())
+
+
+NO_TORCH = "import sys; sys.modules['torch'] = None\n"  # what Python does for a package that is not installed
+
+
+def _model_folder(tiny_run, tmp_path, unknown: bool = True):
+    import json
+    import shutil
+
+    import mlflow
+
+    mlflow.set_tracking_uri(tiny_run["tracking_uri"])
+    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{tiny_run['run_id']}/model", dst_path=str(tmp_path)))
+    meta_path = next(folder.rglob("meta.json"))
+    if not unknown:
+        meta = json.loads(meta_path.read_text())
+        meta.pop("unknown", None)
+        meta_path.write_text(json.dumps(meta))
+    (meta_path.parent / "weights.pt").unlink()  # nothing but network.onnx can answer
+    shutil.rmtree(folder / "code", ignore_errors=True)
+    return meta_path.parent
+
+
+def test_the_saved_network_answers_without_torch(tiny_run, tmp_path):
+    """With torch absent, a model folder loads from meta.json + network.onnx + the numpy precedent index and gives,
+    through the numpy seam (preprocess_array, answer_arrays), the probabilities and precedents torch gives."""
+    import json
+    import subprocess
+
+    from hsflow.bundle import load_model
+
+    folder = _model_folder(tiny_run, tmp_path, unknown=False)
+    photo = sorted((tiny_run["store"] / "photos").glob("*.jpg"))[1]
+    script = NO_TORCH + (
+        "import json; from hsflow.bundle import HSModel; from hsflow.images import open_rgb\n"
+        f"m = HSModel.load({str(folder)!r}); assert m.net is None\n"
+        f"x = m.preprocess_array(open_rgb({str(photo)!r}, draft_size=m.meta['preprocess']['resize']))[None]\n"
+        "p, e = m.answer_arrays(x)\n"
+        "print(json.dumps({'p': p[0].tolist(), 'prec': [r['rrdc_no'] for r in m.precedents.nearest(e)[0]]}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    import mlflow
+
+    mlflow.set_tracking_uri(tiny_run["tracking_uri"])
+    model = load_model(f"runs:/{tiny_run['run_id']}/model")
+    model.runtime = "torch"
+    x = model.preprocess()(open_rgb(photo, draft_size=model.meta["preprocess"]["resize"]))[None]
+    probs, emb = model.probabilities_and_embeddings(x)
+    assert got["p"] == pytest.approx(probs[0].tolist(), abs=1e-5)
+    assert got["prec"] == [r["rrdc_no"] for r in model.precedents.nearest(emb)[0]]
+
+
+@pytest.mark.xfail(reason="hsflow.calibration (unflagged, imported by hsflow.recommend) and hsflow.unknown "
+                          "(UnknownScorer: unknown.pt, torch tensors) still need torch; issue 25 makes them numpy. "
+                          "Every other module on the answer path runs without torch.", strict=False)
+def test_recommend_answers_without_torch(tiny_run, tmp_path):
+    import json
+    import subprocess
+
+    folder = _model_folder(tiny_run, tmp_path)
+    photo = sorted((tiny_run["store"] / "photos").glob("*.jpg"))[1]
+    script = NO_TORCH + ("import json; from hsflow.recommend import as_json, recommend\n"
+                         f"print(json.dumps(as_json(recommend({str(folder)!r}, [{str(photo)!r}], 3)[0])))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["candidates"]
