@@ -262,8 +262,8 @@ def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
 
 
 def unknown_figures(cfg, module, dm, spec, net) -> dict:
-    """The shipped score (cosine distance to the nearest training photo's embedding, hsflow.unknown) on this
-    model's embeddings: threshold at 5 % of validation; AUROC and FPR at 95 % TPR of held-out-code photos (positives)
+    """The configured unknown score (unknown.method, hsflow.unknown) on this model's embeddings and logits, threshold
+    at unknown.max_val_rate of validation, review threshold by calibration.method on the rest; AUROC and FPR at 95 % TPR of held-out-code photos (positives)
     against 2019 photos of trained codes; and the share of held-out photos neither unknown nor needs_review."""
     from hsflow import unknown
     from hsflow.data.transforms import build_preprocess, preprocess_spec
@@ -271,7 +271,12 @@ def unknown_figures(cfg, module, dm, spec, net) -> dict:
 
     originals = torch.tensor([s.view == 0 for s in spec.split("train")])
     emb = {sp: stages.embed(module, dm.splits[sp].tensors[0]) for sp in ("train", "val", "test")}
-    scorer = unknown.fit(emb["train"][originals], emb["val"], 1, 0.05)
+    val_logits, val_y = stages.split_logits(module, dm, "val")
+    test_logits = stages.split_logits(module, dm, "test")[0]
+    t = calibration.fit_temperature(val_logits, val_y)
+    labels = [s.label for s in spec.split("train") if s.view == 0]
+    scorer = unknown.fit(emb["train"][originals].numpy(), labels, emb["val"].numpy(), val_logits.numpy(), t,
+                         str(cfg.unknown.method), float(cfg.unknown.max_val_rate))
     samples, _ = unknown.heldout_photos(cfg)
     pre = preprocess_spec(cfg.model)
     feats = extract(samples, net.prefix, build_preprocess(pre), FeatureCache(cfg.paths.cache_dir, net.cache_id),
@@ -280,18 +285,20 @@ def unknown_figures(cfg, module, dm, spec, net) -> dict:
         module.eval()
         held_emb = torch.cat([module.suffix(x) for x in feats.split(256)])
         held_logits = torch.cat([module.head(e) for e in held_emb.split(256)])
-    held, test, val = scorer.score(held_emb), scorer.score(emb["test"]), scorer.score(emb["val"])
+    held, test, val = (torch.from_numpy(scorer.score(e.numpy(), g.numpy())) for e, g in (
+        (held_emb, held_logits), (emb["test"], test_logits), (emb["val"], val_logits)))
     at95 = torch.quantile(held, 0.05)  # 95 % of held-out photos score above it
-    val_logits, val_y = stages.split_logits(module, dm, "val")
-    t = calibration.fit_temperature(val_logits, val_y)
-    review = calibration.review_threshold(torch.softmax(val_logits / t, 1), val_y, 0.95)
+    flags = {k: torch.from_numpy(scorer.decide(v.numpy())) for k, v in (("held", held), ("test", test))}
+    probs = torch.softmax(val_logits / t, 1)
+    review = calibration.fit_review_threshold(probs, val_y, cfg.calibration,
+                                              eligible=~scorer.decide(val.numpy()))
     confident = torch.softmax(held_logits / t, 1).max(1).values >= review
     return {"unknown/auroc_heldout_vs_test": auroc(held, test), "unknown/auroc_heldout_vs_val": auroc(held, val),
             "unknown/fpr_at_95tpr_test": float((test >= at95).float().mean()),
             "unknown/threshold": scorer.threshold, "unknown/val_rate": scorer.val_rate,
-            "unknown/test_rate": float(scorer.decide(test).float().mean()),
-            "unknown/heldout_rate": float(scorer.decide(held).float().mean()),
-            "unknown/heldout_unflagged": float((confident & ~scorer.decide(held)).float().mean()),
+            "unknown/test_rate": float(flags["test"].float().mean()),
+            "unknown/heldout_rate": float(flags["held"].float().mean()),
+            "unknown/heldout_unflagged": float((confident & ~flags["held"]).float().mean()),
             "unknown/heldout_photos": float(len(held))}
 
 

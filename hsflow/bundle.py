@@ -1,6 +1,6 @@
 """The saved model folder: the whole network (frozen prefix + trained suffix + head) with its classes,
 preprocessing, calibration, unknown score and precedent index, saved as plain files (weights.pt + meta.json +
-unknown.pt + the precedent index: hsflow.precedents) inside an MLflow model. Every door (CLI, MLflow model, REST,
+unknown.npz + the precedent index: hsflow.precedents) inside an MLflow model. Every door (CLI, MLflow model, REST,
 page) answers from one of these folders through hsflow.recommend.
 
 It sits above the model layer (hsflow.models: backbones, head, LightningModule) and above the product features it
@@ -130,16 +130,17 @@ class HSModel:
         return logits.cpu().numpy(), emb.cpu().numpy()
 
     def answer_arrays(self, x: np.ndarray, device: str = "cpu", tta: bool | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Calibrated class probabilities (softmax of logits / temperature; with the mirror-image TTA if trained
-        so) and embeddings of preprocessed photos, numpy: what hsflow.recommend reads."""
+        so), embeddings and raw logits of preprocessed photos, numpy: what hsflow.recommend and the unknown score
+        read (the numpy twin of `forward`)."""
         tta = self.meta.get("tta", False) if tta is None else tta
         logits, emb = self.forward_arrays(x, device)
         if tta:
             logits = (logits + self.forward_arrays(np.ascontiguousarray(x[..., ::-1]), device)[0]) / 2
         z = logits / np.float32(self.temperature)
         e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True), emb
+        return e / e.sum(axis=1, keepdims=True), emb, logits
 
     def _through_onnx(self, device: str) -> bool:
         return self.onnx is not None and (self.runtime == "onnx" or self.net is None) and str(device) == "cpu"
@@ -172,25 +173,44 @@ class HSModel:
 
     embedding = embed  # the name hsflow.unknown reads it by
 
-    def probabilities_and_embeddings(self, x: torch.Tensor, tta: bool | None = None):
-        """Calibrated class probabilities (with the mirror-image TTA if trained so) and embeddings, one forward
-        (torch tensors, for torch callers)."""
+    def forward(self, x: torch.Tensor, tta: bool | None = None):
+        """Calibrated class probabilities (with the mirror-image TTA if trained so), embeddings and raw logits of a
+        preprocessed torch batch, one forward, through the same engine as `forward_arrays` (torch callers)."""
         import torch
 
         tta = self.meta.get("tta", False) if tta is None else tta
         logits, emb = self.logits_and_embeddings(x)
         if tta:
             logits = (logits + self.logits_and_embeddings(torch.flip(x, dims=[-1]))[0]) / 2
-        return torch.softmax(logits / self.temperature, dim=1), emb
+        return torch.softmax(logits / self.temperature, dim=1), emb, logits
+
+    def probabilities_and_embeddings(self, x: torch.Tensor, tta: bool | None = None):
+        """Calibrated class probabilities and embeddings, one forward."""
+        return self.forward(x, tta)[:2]
 
     def probabilities(self, x: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
         """Calibrated class probabilities for a preprocessed batch (with the mirror-image TTA if trained so)."""
-        return self.probabilities_and_embeddings(x, tta)[0]
+        return self.forward(x, tta)[0]
+
+    def unknown_scores(self, emb, logits) -> np.ndarray | None:
+        """The unknown score of each photo (hsflow.unknown, numpy; embeddings and raw logits as numpy arrays or torch
+        tensors), None without a scorer."""
+        if self.unknown is None:
+            return None
+        return self.unknown.score(_array(emb), _array(logits))
 
     def outputs(self, x: torch.Tensor, tta: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Calibrated probabilities and unknown scores (None without a scorer) from one forward pass."""
-        probs, emb = self.probabilities_and_embeddings(x, tta)
-        return probs, (self.unknown.score(emb) if self.unknown is not None else None)
+        import torch
+
+        probs, emb, logits = self.forward(x, tta)
+        scores = self.unknown_scores(emb, logits)
+        return probs, None if scores is None else torch.from_numpy(scores)
+
+
+def _array(x) -> np.ndarray:
+    """float32 numpy from a numpy array or a torch tensor (any device), without importing torch."""
+    return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
 
 
 def _session(path: Path) -> rt.OnnxNetwork | None:

@@ -20,8 +20,10 @@ from scipy.stats import bootstrap
 from hsflow.evaluation import CONFIDENCE, RESAMPLES, ruling_interval
 
 # What the decision compares (MetricThreshold names): the challenger's top-1 may fall at most `margin` below the
-# champion's at the low end of the paired interval, and its unflagged answers must keep the review flag's promise.
-GATES = ("delta_top1_ci_low", "unflagged_precision")
+# champion's at the low end of the paired interval, its unflagged answers must keep the review flag's promise, and it
+# must be at least as safe as the champion: unflagged answers right at least as often, and photos of goods it never
+# learned (window photos of codes it has no class for, out-of-scope photos) flagged at least as often.
+GATES = ("delta_top1_ci_low", "unflagged_precision", "safety_precision_gap", "safety_catch_gap")
 PAIRED = ("top1", "unflagged_coverage", "unflagged_precision", "unknown_rate")  # the differences paired()
 
 
@@ -32,20 +34,32 @@ class Answers:
     unflagged: np.ndarray  # not needs_review: what a broker may take without a second look
     unknown: np.ndarray    # unlike every trained product
     predicted: list[str] = field(default_factory=list)
+    trained: np.ndarray | None = None  # the decided code is one the model has a class for
 
 
 def answer(model, photos: list, truth: list[str]) -> tuple[Answers, list[str]]:
     """Run a model over the window photos (PhotoInputs) as the doors do; also the photos that failed to decode."""
+    from hsflow import hs
     from hsflow.recommend import iter_recommend
 
     out, failed = [], []
+    known = {hs.describe(c).hs_code for c in model.classes}
     for rec, code in zip(iter_recommend(model, photos, 1, num_workers=0, precedents=0, progress=False), truth):
         if rec.error:
             failed.append(rec.error)
         top = rec.candidates[0]["hs_code"] if rec.candidates else ""
-        out.append((top == code and not rec.error, not rec.needs_review, rec.unknown, top))
-    cols = list(zip(*out)) if out else [(), (), (), ()]
-    return Answers(np.array(cols[0], bool), np.array(cols[1], bool), np.array(cols[2], bool), list(cols[3])), failed
+        out.append((top == code and not rec.error, not rec.needs_review, rec.unknown, top, code in known))
+    cols = list(zip(*out)) if out else [(), (), (), (), ()]
+    return Answers(np.array(cols[0], bool), np.array(cols[1], bool), np.array(cols[2], bool), list(cols[3]),
+                   np.array(cols[4], bool)), failed
+
+
+def catch_rate(window: Answers, outside: Answers) -> tuple[float, int]:
+    """The share of photos of goods the model never learned that it flags (unknown or needs_review): window photos
+    whose decided code it has no class for, and out-of-scope photos (`outside`, data/ood). (rate, photos)."""
+    untrained = ~window.trained if window.trained is not None else np.zeros(len(window.unflagged), bool)
+    flags = np.concatenate([~window.unflagged[untrained], ~outside.unflagged])
+    return (float(flags.mean()) if len(flags) else math.nan), int(len(flags))
 
 
 def _per_ruling(values: np.ndarray, rulings: list[str], keys: list[str]) -> np.ndarray:
@@ -98,30 +112,47 @@ def paired(champion: Answers, challenger: Answers, rulings: list[str], seed: int
     return out
 
 
-def decide(delta: dict, challenger: dict, margin: float, target: float) -> tuple[bool, str]:
-    """MLflow's own validation (`mlflow.validate_evaluation_results` with `MetricThreshold`s) over the two gates:
-    the low end of the paired top-1 interval >= -margin, the challenger's unflagged precision >= target.
+def decide(delta: dict, challenger: dict, margin: float, target: float, champion: dict | None = None
+           ) -> tuple[bool, str]:
+    """MLflow's own validation (`mlflow.validate_evaluation_results` with `MetricThreshold`s) over the gates: the
+    low end of the paired top-1 interval >= -margin, the challenger's unflagged precision >= target, and (with the
+    champion's figures) the challenger's unflagged precision and catch rate not below the champion's.
     Returns (promote, reason in one line)."""
     import mlflow
     from mlflow.models import MetricThreshold
     from mlflow.models.evaluation import EvaluationResult
     from mlflow.models.evaluation.validation import ModelValidationFailedException
 
+    champion = champion or {}
     metrics = {"delta_top1_ci_low": delta["top1_ci_low"],
                # no unflagged answer at all: the flag promises nothing a broker can use; it fails the gate
-               "unflagged_precision": _or(challenger["unflagged_precision"], -1.0)}
-    thresholds = {"delta_top1_ci_low": MetricThreshold(threshold=-float(margin), greater_is_better=True),
-                  "unflagged_precision": MetricThreshold(threshold=float(target), greater_is_better=True)}
+               "unflagged_precision": _or(challenger["unflagged_precision"], -1.0),
+               "safety_precision_gap": _or(challenger["unflagged_precision"], -1.0)
+               - _or(champion.get("unflagged_precision"), -1.0),
+               "safety_catch_gap": _or(challenger.get("catch_rate"), 0.0) - _or(champion.get("catch_rate"), 0.0)}
+    floors = {"delta_top1_ci_low": -float(margin), "unflagged_precision": float(target),
+              "safety_precision_gap": -1e-9, "safety_catch_gap": -1e-9}
+    thresholds = {k: MetricThreshold(threshold=v, greater_is_better=True) for k, v in floors.items()}
     top1 = (f"top-1 {delta['top1']:+.3f} [{delta['top1_ci_low']:+.3f}, {delta['top1_ci_high']:+.3f}] "
             "against the champion")
     prec = f"unflagged precision {figure_text(challenger['unflagged_precision'])}"
+    said = {"delta_top1_ci_low": f"{top1}: its low end is below -{margin:g}",
+            "unflagged_precision": f"{prec} is under the target {target:g}",
+            "safety_precision_gap": f"less safe: {prec} is below the champion's "
+                                    f"{figure_text(champion.get('unflagged_precision', math.nan))}",
+            "safety_catch_gap": f"less safe: it flags {_pct(challenger.get('catch_rate'))} of photos of goods it never "
+                                f"learned, the champion {_pct(champion.get('catch_rate'))}"}
     try:
         mlflow.validate_evaluation_results(thresholds, EvaluationResult(metrics, {}, run_id="refresh"))
     except ModelValidationFailedException:
-        failed = [f"{top1}: its low end is below -{margin:g}"] if metrics[GATES[0]] < -margin else []
-        failed += [f"{prec} is under the target {target:g}"] if metrics[GATES[1]] < target else []
-        return False, "; ".join(failed)
-    return True, f"{top1}, not worse beyond the margin {margin:g}; {prec} >= target {target:g}"
+        return False, "; ".join(said[k] for k in GATES if metrics[k] < floors[k])
+    return True, (f"{top1}, not worse beyond the margin {margin:g}; {prec} >= target {target:g}; as safe as the "
+                  f"champion (flags {_pct(challenger.get('catch_rate'))} of goods it never learned, champion "
+                  f"{_pct(champion.get('catch_rate'))})")
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.0f} %"
 
 
 def _or(value: float, fallback: float) -> float:

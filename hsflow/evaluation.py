@@ -74,9 +74,11 @@ def level_correct(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]
 
 
 def period_figures(logits: torch.Tensor, labels: torch.Tensor, rulings: list[str], classes: list[str],
-                 temperature: float, review_threshold: float, prefix: str = "test") -> dict[str, float]:
-    """Top-1 / top-3 / chapter / heading top-1 with 95 % intervals over rulings; the share of photos the review
-    flag lets through (coverage) and how often those are right (precision), with its interval."""
+                 temperature: float, review_threshold: float, prefix: str = "test",
+                 unknown=None) -> dict[str, float]:
+    """Top-1 / top-3 / chapter / heading top-1 with 95 % intervals over rulings; the share of photos answered
+    unflagged (coverage: not needs_review, not `unknown`, one flag per photo) and how often those are right
+    (precision), with its interval."""
     out: dict[str, float] = {}
     for name, correct in (("top1", topk_correct(logits, labels, 1)), ("top3", topk_correct(logits, labels, 3)),
                           ("chapter_top1", level_correct(logits, labels, classes, 2)),
@@ -84,7 +86,9 @@ def period_figures(logits: torch.Tensor, labels: torch.Tensor, rulings: list[str
         value, low, high = ruling_interval(correct, rulings)
         out |= {f"{prefix}/{name}": value, f"{prefix}/{name}_ci_low": low, f"{prefix}/{name}_ci_high": high}
     probs = torch.softmax(logits / temperature, dim=1)
-    accepted = unflagged(probs.max(1).values, review_threshold).numpy()
+    if unknown is not None and len(unknown) != len(labels):
+        unknown = None  # not one flag per photo (generated test copies): the review flag alone
+    accepted = np.asarray(unflagged(probs.max(1).values.numpy(), review_threshold, unknown))
     right = topk_correct(logits, labels, 1)
     out[f"{prefix}/unflagged_coverage"] = float(accepted.mean()) if len(accepted) else float("nan")
     kept = [r for r, a in zip(rulings, accepted) if a]

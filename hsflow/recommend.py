@@ -37,7 +37,7 @@ from tqdm import tqdm  # noqa: E402
 
 from hsflow import hs  # noqa: E402
 from hsflow.bundle import HSModel  # noqa: E402
-from hsflow.calibration import unflagged  # noqa: E402
+from hsflow.calibration import ANSWER, outcome  # noqa: E402
 from hsflow.config import default_tracking_uri  # noqa: E402
 from hsflow.images import PhotoError, open_rgb  # noqa: E402
 from hsflow.precedents import normalize  # noqa: E402
@@ -72,11 +72,12 @@ class Recommendation:
     unknown_score: float | None = None  # None: no photo scored (an error, or a model without a scorer)
     unknown_threshold: float | None = field(default=None, repr=False)  # the model's, for the table
     model: dict = field(default_factory=dict)  # which model answered: answering(model)
+    outcome: str = "needs_review"   # answer | needs_review | unknown (hsflow.calibration.outcome); errors: review
 
     def to_dict(self) -> dict:
         where = {"image": self.image} if self.images is None else {self.group_key: self.image, "images": self.images}
-        return {**where, "candidates": self.candidates, "rollup": self.rollup, "needs_review": self.needs_review,
-                "unknown": self.unknown, "unknown_score": self.unknown_score,
+        return {**where, "outcome": self.outcome, "candidates": self.candidates, "rollup": self.rollup,
+                "needs_review": self.needs_review, "unknown": self.unknown, "unknown_score": self.unknown_score,
                 "precedents": self.precedents, "precedent_agrees": self.precedent_agrees, "error": self.error,
                 "model": self.model}
 
@@ -239,9 +240,10 @@ def _device(device: str | None) -> str:
 
 def predict(model: HSModel, photos: list[PhotoInput | Path], *, batch_size: int = 32,
             num_workers: int | None = None, device: str | None = None, progress: bool | None = None
-            ) -> Iterator[tuple[PhotoInput, np.ndarray | None, np.ndarray | None, str | None]]:
-    """(photo, calibrated probabilities, embedding, error) per photo, in order, streamed batch by batch; the
-    arrays (float32 numpy) are None for a photo that failed, the error None for one that did not."""
+            ) -> Iterator[tuple[PhotoInput, np.ndarray | None, np.ndarray | None, float | None, str | None]]:
+    """(photo, calibrated probabilities, embedding, unknown score, error) per photo, in order, streamed batch by
+    batch; the arrays (float32 numpy) are None for a photo that failed, the error None for one that did not, the
+    score None for a model without a scorer."""
     photos = [p if isinstance(p, PhotoInput) else PhotoInput(str(p)) for p in photos]
     device = _device(device)
     if model.net is not None:  # torch may answer (a GPU, HSFLOW_RUNTIME=torch): on `device`, as features.extract runs
@@ -258,10 +260,12 @@ def predict(model: HSModel, photos: list[PhotoInput | Path], *, batch_size: int 
     disable = (len(photos) < PROGRESS_MIN or None) if progress is None else not progress  # None: only on a TTY
     with tqdm(total=len(photos), desc="recommend", unit="photo", disable=disable, file=sys.stderr) as bar:
         for idx, x, errors in _batches(dataset, batch_size, workers, device):
-            out: dict[int, tuple] = {i: (None, None, e) for i, e in errors}
+            out: dict[int, tuple] = {i: (None, None, None, e) for i, e in errors}
             if x is not None:
-                probs, emb = model.answer_arrays(x, device)
-                out.update({i: (p, e, None) for i, p, e in zip(idx, probs, emb)})
+                probs, emb, logits = model.answer_arrays(x, device)
+                scores = model.unknown_scores(emb, logits)
+                scores = [None] * len(idx) if scores is None else scores.tolist()
+                out.update({i: (p, e, s, None) for i, p, e, s in zip(idx, probs, emb, scores)})
             for i in sorted(out):
                 yield photos[i], *out[i]
             bar.update(len(out))
@@ -286,17 +290,7 @@ def full_rollup(probs: np.ndarray, classes: list[str]) -> dict:
 
 def is_unknown(model: HSModel, unknown_score: float | None) -> bool:
     """The unknown decision every door takes (CLI, Python, the MLflow model): the model's own scorer and threshold."""
-    return model.unknown is not None and unknown_score is not None and bool(
-        model.unknown.decide(np.float32(unknown_score)))
-
-
-def unknown_scores(model: HSModel, emb: np.ndarray) -> list[float | None]:
-    """Each embedding's unknown score (hsflow.unknown), or None for a model saved without a scorer."""
-    if model.unknown is None:
-        return [None] * len(emb)
-    import torch  # hsflow.unknown scores torch tensors: the one conversion (issue 25 makes it numpy)
-
-    return model.unknown.score(torch.from_numpy(np.ascontiguousarray(emb))).float().cpu().tolist()
+    return model.unknown is not None and unknown_score is not None and bool(model.unknown.decide(unknown_score))
 
 
 def _recommendation(image: str, probs: np.ndarray, emb: np.ndarray, model: HSModel, top_k: int,
@@ -307,8 +301,9 @@ def _recommendation(image: str, probs: np.ndarray, emb: np.ndarray, model: HSMod
     threshold = float(model.meta.get("review_threshold", 0.0))
     unknown = is_unknown(model, unknown_score)
     cands = [{**c, "nearest_only": unknown} for c in candidates(probs, model.classes, top_k)]
-    needs_review = not unflagged(float(probs.max()), threshold) or unknown
-    rec = Recommendation(image, cands, top, needs_review, images=images, totals=roll, group_key=group_key,
+    verdict = outcome(float(probs.max()), threshold, unknown)
+    rec = Recommendation(image, cands, top, verdict != ANSWER, images=images, totals=roll, group_key=group_key,
+                         outcome=verdict,
                          unknown=unknown, unknown_score=unknown_score,
                          unknown_threshold=model.unknown.threshold if model.unknown else None)
     index = model.precedents
@@ -372,13 +367,12 @@ def _answers(model: HSModel, paths, top_k, group_by, batch_size, num_workers, de
     stream = predict(model, photos, batch_size=batch_size, num_workers=num_workers, device=device,
                      progress=progress)
     groups: dict[str, list[tuple[str, np.ndarray, np.ndarray, float | None]]] = {}
-    for src, probs, emb, error in stream:
+    for src, probs, emb, score, error in stream:
         if src.item is not None:
             groups.setdefault(src.item, [])
         if probs is None:
             yield _failed(src.name, error)
             continue
-        score = unknown_scores(model, emb[None])[0]
         if src.item is None:
             yield _recommendation(src.name, probs, emb, model, top_k, precedents, unknown_score=score)
         else:

@@ -169,10 +169,17 @@ def score(plan: Plan, challenger) -> tuple[dict, dict]:
 
     inputs = [PhotoInput(str(p.path)) for p in plan.photos]
     truth, rulings = [p.hs_code for p in plan.photos], [p.rrdc_no for p in plan.photos]
-    answers = {"challenger": decision.answer(challenger, inputs, truth)[0]}
-    if plan.champion_model is not None:
-        answers["champion"] = decision.answer(plan.champion_model, inputs, truth)[0]
-    figs = {who: decision.figures(a, rulings) for who, a in answers.items()}
+    outside = [PhotoInput(str(p)) for p in sorted(Path(plan.cfg.refresh.outside_photos).glob("*"))
+               if p.suffix.lower() in (".jpg", ".jpeg", ".png")] if plan.cfg.refresh.get("outside_photos") else []
+    models = {"challenger": challenger, "champion": plan.champion_model}
+    answers, figs = {}, {}
+    for who, model in models.items():
+        if model is None:
+            continue
+        answers[who] = decision.answer(model, inputs, truth)[0]
+        figs[who] = decision.figures(answers[who], rulings)
+        rate, n = decision.catch_rate(answers[who], decision.answer(model, outside, [""] * len(outside))[0])
+        figs[who] |= {"catch_rate": rate, "catch_photos": n}
     if "champion" in answers:
         figs["delta"] = decision.paired(answers["champion"], answers["challenger"], rulings)
     return figs, answers
@@ -187,7 +194,8 @@ def decide(plan: Plan, figs: dict) -> tuple[str, str]:
         return "first", (f"there was no champion; window top-1 {figs['challenger']['top1']:.3f}, "
                          f"unflagged precision {decision.figure_text(figs['challenger']['unflagged_precision'])} "
                          f"(target {target:g})")
-    promote, reason = decision.decide(figs["delta"], figs["challenger"], float(plan.cfg.refresh.margin), target)
+    promote, reason = decision.decide(figs["delta"], figs["challenger"], float(plan.cfg.refresh.margin), target,
+                                      figs["champion"])
     return ("promoted" if promote else "kept"), reason
 
 
@@ -216,8 +224,11 @@ def side_by_side(plan: Plan, figs: dict, versions: dict, decision: str, reason: 
             "which neither model trained or chose on; 95 % intervals from a bootstrap over rulings (paired for the "
             f"difference).\n\n| on the window | {champ} | challenger v{versions['challenger']} | "
             "challenger − champion |\n|---|---|---|---|\n")
+    catch = "".join(f"{figs[w]['catch_rate']:.3f} | " if w in figs else "n/a | " for w in ("champion", "challenger"))
     return head + "".join(f"| {label} | {_ci(figs.get('champion', {}), key)} | {_ci(ch, key)} | "
-                          f"{_ci(figs.get('delta', {}), key, True)} |\n" for key, label in ROWS)
+                          f"{_ci(figs.get('delta', {}), key, True)} |\n" for key, label in ROWS) + (
+        f"| goods it never learned, flagged ({ch.get('catch_photos', 0)} photos: out-of-scope, untrained codes) "
+        f"| {catch} |\n")
 
 
 def predictions_csv(plan: Plan, answers: dict) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import mlflow
 import pytorch_lightning as pl
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -72,6 +73,9 @@ class RunContext:
     test_topk: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
     scorer: unknown.UnknownScorer | None = None
+    val_logits: torch.Tensor | None = None           # validation logits of the model before the refit
+    unknown_flags: dict = field(default_factory=dict)  # split -> called unknown (numpy bool), originals in order
+    scored: dict = field(default_factory=dict)       # split -> every unknown score component (originals in order)
     embeddings: dict = field(default_factory=dict)   # split -> (original samples, embeddings) under the final model
     marks: dict = field(default_factory=dict)        # perf_counter when preparing and fitting ended
 
@@ -231,18 +235,18 @@ def fit(ctx: RunContext) -> None:
 # --- after the fit: rank zero, one device ---------------------------------------------------------------------------
 
 def calibrate(ctx: RunContext) -> None:
-    """Every choice on the validation period, with the model fitted on training rulings only: the temperature,
-    ECE before and after, and the review threshold for the target precision."""
+    """The temperature on the validation period, with the model fitted on training rulings only, and ECE before and
+    after; the validation logits are kept: the unknown score and the review threshold are fitted on them (what a
+    model that never saw a period answers there), after the refit."""
     cfg = ctx.cfg
+    val_logits, val_y = split_logits(ctx.module, ctx.dm, "val")
+    ctx.val_logits = val_logits
     if cfg.calibration.enabled:
-        val_logits, val_y = split_logits(ctx.module, ctx.dm, "val")
         t = calibration.fit_temperature(val_logits, val_y)
         probs = torch.softmax(val_logits / t, 1)
-        ctx.calibration = {"temperature": t, "review_threshold": calibration.fit_review_threshold(
-            probs, val_y, cfg.calibration, [s.rrdc_no for s in ctx.spec.split("val")])}
+        ctx.calibration["temperature"] = t
         mlflow.log_metrics({"val/ece_before": calibration.ece(torch.softmax(val_logits, 1), val_y),
-                            "val/ece_after": calibration.ece(probs, val_y), "val/temperature": t,
-                            "val/review_threshold": ctx.calibration["review_threshold"]})
+                            "val/ece_after": calibration.ece(probs, val_y), "val/temperature": t})
     if ctx.module.val_photos is not None:
         mlflow.log_metric("val/photos", ctx.module.val_photos)  # every validation photo counted once, DDP too
     ctx.clock.mark("calibrate")
@@ -284,7 +288,8 @@ def test(ctx: RunContext) -> None:
     figures = {f"test/{k}": v for k, v in metrics.summarize(ctx.test_topk, y, len(spec.classes)).items()}
     figures["test/loss"] = float(mod.loss(logits, y))
     figures |= evaluation.period_figures(logits, y, [s.rrdc_no for s in spec.split("test")], spec.classes,
-                                         ctx.calibration["temperature"], ctx.calibration["review_threshold"])
+                                         ctx.calibration["temperature"], ctx.calibration["review_threshold"],
+                                         unknown=ctx.unknown_flags.get("test"))
     train_counts = torch.bincount(ctx.labels("train"), minlength=len(spec.classes)).tolist()
     bands = cfg.get("frequency_bands") or {"head_from": 100, "tail_below": 10}
     band = metrics.band_of(train_counts, int(bands["head_from"]), int(bands["tail_below"]))
@@ -300,30 +305,77 @@ def test(ctx: RunContext) -> None:
 
 
 def unknown_score(ctx: RunContext) -> None:
-    """The unknown score: the training originals' embeddings as its bank, its threshold fitted on validation
-    (hsflow.unknown), with its rates on validation, test and, when codes were held out, on their photos."""
-    if not ctx.cfg.unknown.enabled:
+    """The unknown score (hsflow.unknown): the training originals' embeddings and Gaussians under the final model,
+    each component's validation scores (msp from the model before the refit: what a new photo meets), the threshold
+    fitted on validation; its rate on validation and test."""
+    cfg = ctx.cfg
+    if not cfg.unknown.enabled:
         return
-    _, train = split_embeddings(ctx, "train")
+    train_samples, train = split_embeddings(ctx, "train")
     _, val = split_embeddings(ctx, "val")
     if not len(val):
         print(f"warning: dataset {ctx.spec.name}: no validation photos, so no unknown threshold can be fitted; the "
               "model is saved without an unknown score", file=sys.stderr, flush=True)
         return
-    scorer = unknown.fit(train, val, int(ctx.cfg.unknown.k), float(ctx.cfg.unknown.max_val_rate))
+    val_logits = originals(ctx, "val", ctx.val_logits)
+    scorer = unknown.fit(train.numpy(), [s.label for s in train_samples], val.numpy(), val_logits.numpy(),
+                         ctx.calibration["temperature"], str(cfg.unknown.get("method", unknown.DEFAULT_METHOD)),
+                         float(cfg.unknown.max_val_rate), int(cfg.unknown.k),
+                         int(cfg.unknown.get("pca_dim", unknown.PCA_DIM)))
     _, test_emb = split_embeddings(ctx, "test")
-    rates = {"val/unknown_threshold": scorer.threshold, "val/unknown_rate": scorer.val_rate,
-             "test/unknown_rate": float(scorer.decide(scorer.score(test_emb)).float().mean())}
-    samples, photos = unknown.heldout_photos(ctx.cfg)
-    if samples:
-        feats = extract(samples, ctx.net.prefix, build_preprocess(ctx.pre),
-                        FeatureCache(ctx.cfg.paths.cache_dir, ctx.net.cache_id), batch_size=int(ctx.cfg.batch_size),
-                        device=ctx.device, draft_size=ctx.pre["resize"], desc="held-out codes")
-        rates["test/heldout_unknown_rate"], details = unknown.heldout_rates(scorer, photos, embed(ctx.module, feats))
-        mlflow.log_dict(details, "unknown/heldout_codes.json")
-    mlflow.log_metrics(rates)
+    test_logits = originals(ctx, "test", split_logits(ctx.module, ctx.dm, "test")[0])
+    ctx.unknown_flags = {"val": scorer.decide(scorer.score(val.numpy(), val_logits.numpy())),
+                         "test": scorer.decide(scorer.score(test_emb.numpy(), test_logits.numpy()))}
+    ctx.scored = {"val": scorer.components(val.numpy(), val_logits.numpy()),
+                  "test": scorer.components(test_emb.numpy(), test_logits.numpy())}
+    mlflow.log_metrics({"val/unknown_threshold": scorer.threshold, "val/unknown_rate": scorer.val_rate,
+                        "test/unknown_rate": float(ctx.unknown_flags["test"].mean())})
     ctx.scorer = scorer
     ctx.clock.mark("unknown")
+
+
+def review(ctx: RunContext) -> None:
+    """The review threshold, fitted with the unknown threshold already set: on the validation photos the model
+    before its refit answers and does not call unknown, for the promised precision (calibration.*: a point estimate
+    or a bound with stated confidence)."""
+    cfg = ctx.cfg
+    if not cfg.calibration.enabled:
+        return
+    probs = torch.softmax(ctx.val_logits / ctx.calibration["temperature"], 1)
+    flags = ctx.unknown_flags.get("val")
+    eligible = None if flags is None or len(flags) != len(probs) else ~flags
+    ctx.calibration["review_threshold"] = calibration.fit_review_threshold(
+        probs, ctx.labels("val"), cfg.calibration, [s.rrdc_no for s in ctx.spec.split("val")], eligible)
+    ctx.calibration["review_method"] = str(cfg.calibration.get("method", "point"))
+    mlflow.log_metric("val/review_threshold", ctx.calibration["review_threshold"])
+    ctx.clock.mark("review")
+
+
+def heldout(ctx: RunContext) -> None:
+    """With codes held out of every split (dataset.exclude_codes): how the final model answers every photo of
+    them — called unknown, answered with neither flag — and how well each unknown score separates them from the
+    validation and test photos of trained codes (AUROC, FPR at 95 % TPR), with the trade-off table."""
+    samples, photos = unknown.heldout_photos(ctx.cfg)
+    if not samples or ctx.scorer is None:
+        return
+    feats = extract(samples, ctx.net.prefix, build_preprocess(ctx.pre), FeatureCache(ctx.cfg.paths.cache_dir,
+                    ctx.net.cache_id), batch_size=int(ctx.cfg.batch_size), device=ctx.device,
+                    draft_size=ctx.pre["resize"], desc="held-out codes")
+    emb, logits = embed(ctx.module, feats), module_logits(ctx.module, feats)
+    scorer, threshold = ctx.scorer, ctx.calibration["review_threshold"]
+    flags = scorer.decide(scorer.score(emb.numpy(), logits.numpy()))
+    top = torch.softmax(logits / ctx.calibration["temperature"], 1).max(1).values.numpy()
+    answered = calibration.unflagged(top, threshold, flags)
+    comps = scorer.components(emb.numpy(), logits.numpy())
+    figures = {"test/heldout_unknown_rate": float(flags.mean()), "test/heldout_unflagged_rate": float(answered.mean()),
+               **{f"test/heldout_{k}": v for k, v in unknown.separation(ctx.scored["test"], comps).items()},
+               **{f"val/heldout_{k}": v for k, v in unknown.separation(ctx.scored["val"], comps).items()}}
+    ctx.figures |= figures
+    mlflow.log_metrics(figures)
+    mlflow.log_dict({"threshold": scorer.threshold, "review_threshold": threshold, "photos": len(photos),
+                     "per_code": unknown.per_code(photos, flags, answered)}, "unknown/heldout_codes.json")
+    mlflow.log_dict(tradeoff(ctx, comps, logits), "unknown/tradeoff.json")
+    ctx.clock.mark("heldout")
 
 
 def package(ctx: RunContext) -> None:
@@ -492,6 +544,46 @@ def split_embeddings(ctx: RunContext, split: str) -> tuple[list[Sample], torch.T
             out = [mod.embed(first_view(mod, x.to(mod.device))).float().cpu() for x, _ in loader]
         ctx.embeddings[split] = ([samples[i] for i in keep], torch.cat(out) if out else torch.empty(0))
     return ctx.embeddings[split]
+
+
+def originals(ctx: RunContext, split: str, values: torch.Tensor) -> torch.Tensor:
+    """Rows of a split-ordered tensor for its original photos only (the rows split_embeddings keeps)."""
+    keep = [i for i, s in enumerate(ctx.spec.split(split)) if s.view == 0]
+    return values if len(keep) == len(values) else values[keep]
+
+
+@torch.no_grad()
+def module_logits(mod: HSClassifier, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    mod.eval()
+    out = [mod(x[i: i + batch_size].to(mod.device)).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def tradeoff(ctx: RunContext, heldout_scores: dict, heldout_logits: torch.Tensor) -> dict:
+    """The two thresholds refitted on validation at several unknown rates and review methods: the coverage and
+    precision of unflagged answers on validation and test, and the share of held-out codes' photos answered with
+    neither flag (docs/unknown.md's trade-off table)."""
+    t, cal, method = ctx.calibration["temperature"], ctx.cfg.calibration, ctx.scorer.method
+    probs = {"val": torch.softmax(originals(ctx, "val", ctx.val_logits) / t, 1).numpy(),
+             "test": torch.softmax(originals(ctx, "test", split_logits(ctx.module, ctx.dm, "test")[0]) / t, 1).numpy(),
+             "heldout": torch.softmax(heldout_logits / t, 1).numpy()}
+    labels = {sp: np.array([s.label for s in ctx.spec.split(sp) if s.view == 0]) for sp in ("val", "test")}
+    scores = {"val": ctx.scored["val"][method], "test": ctx.scored["test"][method], "heldout": heldout_scores[method]}
+    rows = []
+    for rate in (0.0, 0.05, 0.10, 0.15, 0.20, 0.30):
+        u = unknown.fit_threshold(scores["val"], rate) if rate else float("inf")
+        for rm in calibration.REVIEW_METHODS:
+            r = calibration.fit_review_threshold(probs["val"], labels["val"], {**cal, "method": rm},
+                                                 [s.rrdc_no for s in ctx.spec.split("val")], scores["val"] <= u)
+            ok = {sp: calibration.unflagged(p.max(1), r, scores[sp] > u) for sp, p in probs.items()}
+            row = {"max_val_rate": rate, "review_method": rm, "unknown_threshold": u, "review_threshold": r,
+                   "heldout_unflagged": float(ok["heldout"].mean())}
+            for sp in ("val", "test"):
+                right = probs[sp].argmax(1) == labels[sp]
+                row[f"{sp}_coverage"] = float(ok[sp].mean())
+                row[f"{sp}_precision"] = float(right[ok[sp]].mean()) if ok[sp].any() else float("nan")
+            rows.append(row)
+    return {"method": method, "rows": rows}
 
 
 def first_view(mod: HSClassifier, x: torch.Tensor) -> torch.Tensor:

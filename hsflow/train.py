@@ -32,10 +32,12 @@ def run(cfg: DictConfig) -> dict | None:
         s.module,         # the LightningModule: a new head over the suffix
         s.open_run,       # the MLflow run: params, tags, dataset fingerprint and split            (rank zero)
         s.fit,            # Lightning's fit on training rulings, validated on the next period     (every process)
-        s.calibrate,      # temperature and review threshold on validation                        (rank zero from here)
+        s.calibrate,      # temperature on validation; validation logits kept                    (rank zero from here)
         s.refit,          # the final model on training + validation rulings, choices kept
-        s.test,           # test figures with 95 % intervals over rulings
-        s.unknown_score,  # the unknown score: training embeddings, threshold on validation
+        s.unknown_score,  # the unknown score: training embeddings and Gaussians, threshold on validation
+        s.review,         # the review threshold on validation answers not called unknown (a bound by default)
+        s.test,           # test figures with 95 % intervals over rulings, the three outcomes applied
+        s.heldout,        # codes held out of training: caught or not, each score's AUROC, the trade-off table
         s.package,        # the saved model folder (with its precedent index) as an MLflow model
         s.plots,          # curves and confusion views
         s.close,          # timings, the run's description, the run ends

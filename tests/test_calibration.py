@@ -1,4 +1,5 @@
 """Temperature scaling, ECE and the review threshold on synthetic logits with a known answer."""
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,26 @@ def test_the_configured_method_picks_the_threshold_a_run_stores():
     cal.method = "median"
     with pytest.raises(ValueError, match="calibration.method"):
         fit_review_threshold(probs, labels, cal)
+
+
+def test_three_outcomes_from_one_rule():
+    from hsflow.calibration import outcome, unflagged
+
+    assert outcome(0.99, 0.9) == "answer" and outcome(0.5, 0.9) == "needs_review"
+    assert outcome(0.99, 0.9, unknown=True) == "unknown"  # an unknown photo is never answered, however confident
+    top, flags = np.array([0.99, 0.95, 0.5]), np.array([False, True, False])
+    assert unflagged(top, 0.9, flags).tolist() == [True, False, False]
+    assert unflagged(torch.tensor(top), 0.9, flags).tolist() == [True, False, False]  # torch in, torch out
+    assert unflagged(top, 0.9).tolist() == [True, True, False]
+
+
+def test_the_review_threshold_is_fitted_on_the_photos_not_called_unknown():
+    from hsflow.calibration import fit_review_threshold
+
+    # The two most confident answers are wrong but called unknown: they never go out, so they cost no precision.
+    probs = torch.tensor([[0.99, 0.01], [0.98, 0.02]] + [[0.9 - 0.01 * i, 0.1 + 0.01 * i] for i in range(8)])
+    labels = torch.tensor([1, 1] + [0] * 8)
+    cal = {"method": "point", "target_precision": 0.95}
+    assert fit_review_threshold(probs, labels, cal) == 1.0  # counted, the wrong pair sinks every threshold
+    eligible = np.array([False, False] + [True] * 8)
+    assert fit_review_threshold(probs, labels, cal, eligible=eligible) == pytest.approx(0.83)

@@ -100,8 +100,10 @@ def test_json_schema_with_runs_uri_from_the_default_store(tiny_run, tmp_path, mo
     lines = [json.loads(line) for line in proc.out.splitlines()]
     assert [d["image"] for d in lines] == [str(p) for p in shots]
     for d in lines:
-        assert set(d) == {"image", "candidates", "rollup", "needs_review", "unknown", "unknown_score", "precedents",
-                          "precedent_agrees", "error", "model"}
+        assert set(d) == {"image", "outcome", "candidates", "rollup", "needs_review", "unknown", "unknown_score",
+                          "precedents", "precedent_agrees", "error", "model"}
+        assert d["outcome"] in ("answer", "needs_review", "unknown")
+        assert d["needs_review"] == (d["outcome"] != "answer") and d["unknown"] == (d["outcome"] == "unknown")
         assert d["model"] == {"run_id": tiny_run["run_id"], "registered_model": None, "version": None, "aliases": []}
         assert d["error"] is None and isinstance(d["unknown"], bool) and isinstance(d["unknown_score"], float)
         assert isinstance(d["needs_review"], bool)
@@ -174,7 +176,7 @@ def test_group_by_folder_averages_the_photos(tiny_model, tmp_path):
         mean = {c: sum(next(x["probability"] for x in r.candidates if x["hs_code"] == c) for r in members) / 3
                 for c in tiny_model.classes}
         assert {c["hs_code"]: c["probability"] for c in g.candidates} == pytest.approx(mean, abs=1e-6)
-        assert set(g.to_dict()) == {"folder", "images", "candidates", "rollup", "needs_review", "unknown",
+        assert set(g.to_dict()) == {"folder", "images", "outcome", "candidates", "rollup", "needs_review", "unknown",
                                     "unknown_score", "precedents", "precedent_agrees", "error", "model"}
         assert g.candidates[0]["hs_code"] == max(mean, key=mean.get)
 

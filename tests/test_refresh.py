@@ -33,7 +33,10 @@ from hsflow.store import RawStore
 # 4 codes of 3 chapters with 2 rulings in each of 2017 (validation of the first refresh), 2018 and 2019: ~120 photos.
 CODES = {"0808100000": 10, "0401200000": 10, "2009120000": 10, "0709600000": 10}
 LATE = ("2017", "2018", "2019")
-TRAIN = ["trainer.max_epochs=10", "refit.enabled=true", "optimizer=adamw", "optimizer.lr=1e-3"]
+# calibration.method=point: the tiny store's few validation photos can certify no bound (it needs 45 answers at 0.95
+# and delta 0.1), and these tests are about the loop, not about the bound (tests/test_calibration.py).
+TRAIN = ["trainer.max_epochs=10", "refit.enabled=true", "optimizer=adamw", "optimizer.lr=1e-3",
+         "calibration.method=point"]
 
 
 def refresh_cli(world: dict, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -96,6 +99,13 @@ def second(world, first) -> dict:
 @pytest.fixture(scope="module")
 def third(world, second) -> dict:
     proc = refresh_cli(world, *TRAIN, "trainer.max_epochs=1")  # deliberately weakened
+    return {"proc": proc, "last": last_fields(proc)}
+
+
+@pytest.fixture(scope="module")
+def unsafe(world, third) -> dict:
+    """A challenger as accurate as the champion that flags nothing: no unknown score, no review threshold."""
+    proc = refresh_cli(world, *TRAIN, "unknown.enabled=false", "calibration.enabled=false")
     return {"proc": proc, "last": last_fields(proc)}
 
 
@@ -207,6 +217,16 @@ def test_weakened_challenger_is_not_promoted_and_the_champion_stays(world, third
                                                          str(tmp_path)))))
     assert {r["rrdc_no"] for r in rows} == set(rulings_of(world["crawled"], "2019"))
     assert np.mean([r["champion_correct"] == "1" for r in rows]) == pytest.approx(m["champion/top1"])
+
+
+def test_a_challenger_less_safe_than_the_champion_is_not_promoted(world, unsafe):
+    assert unsafe["last"]["decision"] == "kept" and unsafe["last"]["champion"] == "2"
+    run = client(world).get_run(unsafe["last"]["run_id"])
+    m = run.data.metrics
+    assert m["challenger/catch_rate"] == 0.0 < m["champion/catch_rate"]  # it flags no photo of goods it never learned
+    assert m["challenger/catch_photos"] == m["champion/catch_photos"] >= 35  # data/ood at least
+    assert "less safe: it flags 0 % of photos of goods it never learned" in run.data.tags["hsflow.reason"]
+    assert "goods it never learned, flagged" in run.data.tags["mlflow.note.content"]
 
 
 # --- the doors serve the champion -------------------------------------------------------------------------------
@@ -408,6 +428,12 @@ def test_paired_differences_resample_rulings_and_the_rule_reads_the_low_end():
     assert not promote and "its low end is below -0.05" in reason and "unflagged precision 0.500" in reason
     promote, reason = decision.decide(same, decision.figures(champ, rulings), 0.05, 0.8)
     assert promote and "not worse beyond the margin 0.05" in reason
+    # As accurate, but less safe than the champion: its unflagged answers right less often, or it catches less.
+    safe = {**decision.figures(champ, rulings), "catch_rate": 0.9}
+    for worse_by in ({"unflagged_precision": 0.79}, {"catch_rate": 0.5}):
+        promote, reason = decision.decide(same, {**safe, **worse_by}, 0.05, 0.5, champion=safe)
+        assert not promote and reason.startswith("less safe: ")
+    assert decision.decide(same, safe, 0.05, 0.5, champion=safe)[0]  # as safe: promoted
     # Unflagged answers all wrong: the review flag breaks its promise; no unflagged answer at all fails it too.
     flagged_all = answers([1] * 30, unflagged=[False] * 30)
     assert not decision.decide(same, decision.figures(flagged_all, rulings), 0.05, 0.95)[0]
