@@ -3,9 +3,9 @@
 For a list of requirements, the dependency closure (each distribution's `Requires-Dist` for this platform, without
 extras) as installed in this environment, and the bytes of every file each distribution installed (its RECORD).
 Three lists: what a model logged before issue 26 asked for (torch, torchvision, efficientnet_lite_pytorch, pillow
-and `hsflow @ file://<checkout>`, i.e. every hsflow dependency), what a model asks for now
-(hsflow.tracking.SERVED_PACKAGES, hsflow's code shipped inside the model), and the torch-free list it will ask for
-once the unknown score and the review rule run in numpy. mlflow is in all three (the scoring server).
+and `hsflow @ file://<checkout>`, i.e. every hsflow dependency), what a model with network.onnx asks for now
+(hsflow.tracking.SERVED_PACKAGES, no torch; hsflow's code ships inside the model), and what a model whose ONNX
+export failed asks for (the same + torch). mlflow is in all three (the scoring server).
 Writes bench/served_env_size.json.
 """
 from __future__ import annotations
@@ -44,15 +44,15 @@ def closure(names: list[str]) -> dict[str, int]:
 
 
 def main() -> int:
-    from hsflow.tracking import SERVED_PACKAGES
+    from hsflow.tracking import SERVED_PACKAGES, TORCH_PACKAGES
 
     hsflow_deps = [Requirement(r).name for r in metadata.distribution("hsflow").requires or []
                    if "extra ==" not in r]
     lists = {"before issue 26 (torch + hsflow @ file://checkout)":
              ["torch", "torchvision", "efficientnet_lite_pytorch", "pillow", "mlflow", *hsflow_deps],
-             "now (hsflow in code_paths; SERVED_PACKAGES)": [*SERVED_PACKAGES, "mlflow"],
-             "torch-free (once unknown + calibration are numpy)":
-             ["onnxruntime", "numpy", "pillow", "tqdm", "omegaconf", "mlflow"]}
+             "now (hsflow in code_paths; SERVED_PACKAGES: network.onnx answers)": [*SERVED_PACKAGES, "mlflow"],
+             "a model without network.onnx (SERVED_PACKAGES + TORCH_PACKAGES)":
+             [*SERVED_PACKAGES, *TORCH_PACKAGES, "mlflow"]}
     out = {}
     for label, names in lists.items():
         sizes = closure(names)

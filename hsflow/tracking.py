@@ -33,16 +33,18 @@ VIEW_COLUMNS = ["metrics.`curves/top1_val`", "metrics.`test/top1`", "metrics.`te
                 "params.`dataset.name`", "params.`trainer.max_epochs`"]
 # What the logged model's own environment installs (`mlflow models serve --env-manager virtualenv|uv`, build-docker):
 # the packages the loaded model imports, at the versions it was trained with. hsflow itself ships inside the model
-# (MLflow `code_paths`: <model>/code/hsflow), so the model installs away from the checkout it was trained in.
-SERVED_PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "omegaconf",
-                   "efficientnet_lite_pytorch", "onnxruntime", "numpy", "pillow", "tqdm")
+# (MLflow `code_paths`: <model>/code/hsflow), so the model installs away from the checkout it was trained in. A model
+# with network.onnx answers without torch (ONNX Runtime, numpy: hsflow.bundle); one whose export failed needs torch.
+SERVED_PACKAGES = ("onnxruntime", "numpy", "pillow", "tqdm", "omegaconf")
+TORCH_PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "efficientnet_lite_pytorch")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def pip_requirements() -> list[str]:
+def pip_requirements(with_torch: bool = False) -> list[str]:
     from importlib.metadata import version
 
-    return [f"{name}=={version(name).split('+')[0]}" for name in SERVED_PACKAGES]
+    names = SERVED_PACKAGES + (TORCH_PACKAGES if with_torch else ())
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]
 
 
 def experiment_id(cfg: DictConfig) -> str:
@@ -375,7 +377,9 @@ def log_model(model, cfg: DictConfig) -> str:
         mlflow.pyfunc.log_model(name="model", python_model=pyfunc.__file__,
                                 artifacts={p.name: str(p) for p in files},
                                 signature=signature(), input_example=input_example(model),
-                                pip_requirements=pip_requirements(), code_paths=[str(PACKAGE_DIR)],
+                                pip_requirements=pip_requirements(with_torch=not any(p.suffix == ".onnx"
+                                                                                      for p in files)),
+                                code_paths=[str(PACKAGE_DIR)],
                                 model_config=pyfunc.MODEL_CONFIG,
                                 registered_model_name=cfg.logger.get("registered_model_name") or None)
     return f"runs:/{mlflow.active_run().info.run_id}/model"

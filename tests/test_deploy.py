@@ -92,3 +92,47 @@ def _wait(url: str, proc: subprocess.Popen, log, timeout: float = 180) -> None:
             time.sleep(0.5)
     log.seek(0)
     raise AssertionError(f"the model's server did not answer {url}:\n{log.read()[-3000:]}")
+
+
+def test_the_model_builds_its_own_environment_without_torch_and_answers(tiny_run, tmp_path):
+    """What a deployment does: `mlflow models serve --env-manager virtualenv` (uv when installed) from a folder with no
+    checkout builds a new environment from the model's own files (python_env.yaml, requirements.txt: no torch) and
+    answers a photo there. Installs from the package index (or pip's cache): the one test that may download."""
+    import shutil
+
+    manager = "uv" if shutil.which("uv") else "virtualenv" if shutil.which("pyenv") else None
+    if manager is None:
+        pytest.skip("neither uv nor pyenv (what mlflow's virtualenv manager needs) is installed")
+    mlflow.set_tracking_uri(tiny_run["tracking_uri"])
+    model = Path(mlflow.artifacts.download_artifacts(f"runs:/{tiny_run['run_id']}/model", dst_path=str(tmp_path)))
+    requirements = (model / "requirements.txt").read_text()
+    assert "torch" not in requirements and "onnxruntime==" in requirements
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "HSFLOW_ROOT")}
+    env["MLFLOW_ENV_ROOT"] = str(tmp_path / "envs")  # a new environment, not one a previous run left
+    port = free_port()
+    log = open(tmp_path / "server.log", "w+")
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager",
+                             manager, "--host", "127.0.0.1", "--port", str(port)], cwd=away, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait(f"http://127.0.0.1:{port}/ping", proc, log, timeout=600)
+        ready = time.time() - started
+        photo = sorted((tiny_run["store"] / "photos").glob("*.jpg"))[0]
+        body = {"dataframe_split": {"columns": ["image", "name"],
+                                    "data": [[base64.b64encode(photo.read_bytes()).decode(), photo.name]]}}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=120).read())["predictions"][0]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert answer["error"] is None and answer["candidates"], answer
+    pythons = list((tmp_path / "envs").rglob("bin/python"))
+    assert pythons, "no environment was built"
+    probe = subprocess.run([pythons[0], "-c", "import torch"], capture_output=True, text=True)
+    assert probe.returncode != 0  # the model's environment has no torch
+    size = subprocess.run(["du", "-sm", str(tmp_path / "envs")], capture_output=True, text=True).stdout.split()[0]
+    print(f"model environment ({manager}): built and answering in {ready:.0f} s, {size} MB")
