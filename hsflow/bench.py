@@ -6,6 +6,9 @@
                  memory, same batch size: what the input pipeline costs
     c. decode    photos/s of the input pipeline alone (decode with JPEG draft + preprocess, DataLoader workers)
     d. crawl     crawler rulings/s against the local portal stand-in with throttling off
+    e. runtimes  photos/s of the frozen prefixes (Lite0, Lite1, Lite2, make train's joined Lite1 + Lite0) at batch 1
+                 and 32 in torch eager, torch channels-last, ONNX Runtime and OpenVINO (when installed), interleaved
+                 in one process; each one's share of the machine's peak FLOP/s and its largest difference from eager
 
 Printed as a table and written to bench/results.json. Runs on CPU here and on the GPU where there is one.
 Training runs go to the MLflow experiment `bench` in a temporary store (the project's store stays clean).
@@ -144,6 +147,117 @@ def bench_crawl(archive: Path) -> dict:
             "crawl_rulings": r["rulings"], "crawl_seconds": r["seconds"], "crawl_archive": str(archive)}
 
 
+# -- e. runtimes --------------------------------------------------------------------------------------------------
+PREFIXES = {"lite0": (["efficientnet_lite0"], 224), "lite1": (["efficientnet_lite1"], 240),
+            "lite2": (["efficientnet_lite2"], 260),
+            "lite1+lite0 (make train)": (["efficientnet_lite1", "efficientnet_lite0"], 240)}
+
+
+def machine_peak() -> dict:
+    """Peak float32 FLOP/s = cores x clock x FLOP per cycle: 2 FMA units x (8 lanes with AVX2, 16 with AVX-512) x
+    2 FLOP per FMA; the clock is /proc/cpuinfo's (the nominal one: turbo is not counted)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    mhz = next((float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")), 0.0)
+    flags = next((line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags and "fma" in flags else 4
+    cores = min(torch.get_num_threads(), os.cpu_count() or 1)
+    per_cycle = 2 * lanes * 2
+    return {"cores": cores, "clock_ghz": round(mhz / 1000, 3), "flop_per_cycle": per_cycle,
+            "peak_gflops": round(cores * mhz / 1000 * per_cycle, 1)}
+
+
+def gflop_per_photo(prefix: torch.nn.Module, size: int) -> float:
+    """Convolution and matrix-product FLOPs (2 per multiply-add) of one photo, counted by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        prefix(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def _engines(prefix: torch.nn.Module, size: int, tmp: Path) -> dict:
+    """name -> function of a float32 NCHW batch; every engine of this machine, the runtime's export done once."""
+    import copy
+
+    from hsflow import runtime as rt
+
+    eager, last = copy.deepcopy(prefix).eval(), copy.deepcopy(prefix).eval().to(memory_format=torch.channels_last)
+    engines = {"torch eager": lambda x: eager(x),
+               "torch channels-last": lambda x: last(x.contiguous(memory_format=torch.channels_last))}
+    path = rt.export(copy.deepcopy(prefix), torch.zeros(2, 3, size, size), tmp / f"{size}-{id(prefix)}.onnx",
+                     ["features"])
+    ort = rt.OnnxNetwork(path, torch.get_num_threads())
+    engines["onnxruntime"] = lambda x: torch.from_numpy(ort.run(x.numpy())["features"])
+    try:
+        import openvino as ov
+    except ImportError:
+        return engines
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    engines["openvino"] = lambda x: torch.from_numpy(compiled(x.numpy())[0])
+    return engines
+
+
+def _photos_per_s(engines: dict, x: torch.Tensor, batch: int, rounds: int) -> tuple[dict, dict]:
+    """Median photos/s per engine over `rounds` interleaved rounds (a shared CPU slows them all alike), and each
+    engine's largest difference from torch eager on the same photos."""
+    calls = [x[i: i + batch] for i in range(0, len(x), batch)][: max(1, 8 // len(x[:batch]))]
+    speed: dict[str, list[float]] = {name: [] for name in engines}
+    with torch.inference_mode():
+        outputs = {name: fn(calls[0]) for name, fn in engines.items()}  # warm-up, and the outputs compared
+        for _ in range(rounds):
+            for name, fn in engines.items():
+                started = time.perf_counter()
+                for c in calls:
+                    fn(c)
+                speed[name].append(sum(len(c) for c in calls) / (time.perf_counter() - started))
+    diff = {name: float((out - outputs["torch eager"]).abs().max()) for name, out in outputs.items()}
+    return {name: sorted(v)[len(v) // 2] for name, v in speed.items()}, diff
+
+
+def bench_runtimes(batches=(1, 32), rounds: int = 3) -> dict:
+    from hsflow.models.backbones import build_backbone, split_backbone
+
+    peak, rows = machine_peak(), []
+    photos = _photos(32)
+    with tempfile.TemporaryDirectory(prefix="hsflow-bench-onnx-") as tmp:
+        for label, (names, size) in PREFIXES.items():
+            print(f"[runtimes] {label} ...", file=sys.stderr, flush=True)
+            bbs = [build_backbone(n) for n in names]
+            prefix = split_backbone(bbs[0], 0, "bench", bbs[1:]).prefix.eval()
+            x = _batch(photos, size)
+            gflop, engines = gflop_per_photo(prefix, size), _engines(prefix, size, Path(tmp))
+            for batch in batches:
+                speed, diff = _photos_per_s(engines, x, batch, rounds)
+                rows += [{"prefix": label, "size": size, "batch": batch, "engine": name,
+                          "photos_per_s": round(v, 1), "gflop_per_photo": round(gflop, 3),
+                          "share_of_peak": round(v * gflop / peak["peak_gflops"], 3),
+                          "vs_eager": round(v / speed["torch eager"], 2), "max_abs_diff": diff[name]}
+                         for name, v in speed.items()]
+    return {"runtimes": rows, "runtimes_peak": peak, "runtimes_rounds": rounds,
+            "runtimes_load_average": [round(v, 1) for v in os.getloadavg()],  # other jobs on the same cores
+            "onnxruntime_version": __import__("onnxruntime").__version__}
+
+
+def _batch(files: list[Path], size: int) -> torch.Tensor:
+    from hsflow.data.transforms import build_preprocess
+    from hsflow.images import open_rgb
+
+    pre = build_preprocess({"size": size, "resize": round(size * 256 / 224), "mean": [0.5] * 3, "std": [0.5] * 3})
+    return torch.stack([pre(open_rgb(f, draft_size=size)) for f in files])
+
+
+def runtimes_table(results: dict) -> str:
+    peak = results["runtimes_peak"]
+    lines = [f"peak {peak['peak_gflops']} GFLOP/s = {peak['cores']} cores x {peak['clock_ghz']} GHz x "
+             f"{peak['flop_per_cycle']} FLOP/cycle", "",
+             "| prefix | px | GFLOP/photo | batch | engine | photos/s | x eager | share of peak | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['prefix']} | {r['size']} | {r['gflop_per_photo']} | {r['batch']} | {r['engine']} | "
+              f"{r['photos_per_s']} | {r['vs_eager']} | {r['share_of_peak']:.0%} | {r['max_abs_diff']:.1e} |"
+              for r in results["runtimes"]]
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     rows = [("a", "naive / cached (cold cache) wall-clock", "cache_speedup", "x"),
             ("a", "naive / cached (warm cache) wall-clock", "cache_speedup_warm", "x"),
@@ -155,7 +269,8 @@ def table(results: dict) -> str:
             ("d", "crawl rulings/s (stand-in, no throttle)", "crawl_rulings_per_s", "")]
     lines = ["| | measure | value |", "|---|---|---|"]
     lines += [f"| {k} | {label} | {results[key]}{unit} |" for k, label, key, unit in rows if key in results]
-    return "\n".join(lines)
+    parts = ["\n".join(lines)] if len(lines) > 2 else []
+    return "\n\n".join(parts + ([runtimes_table(results)] if "runtimes" in results else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--archive", type=Path, default=SHARED_ARCHIVE if SHARED_ARCHIVE.is_dir()
                     else ROOT_DIR / "data" / "demo", help="what the crawler benchmark crawls")
-    ap.add_argument("--only", default="cache,recommend,crawl", help="comma-separated subset")
+    ap.add_argument("--only", default="cache,recommend,crawl,runtimes", help="comma-separated subset")
     ap.add_argument("--out", type=Path, default=ROOT_DIR / "bench" / "results.json")
     args = ap.parse_args(argv)
     parts = set(args.only.split(","))
@@ -184,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if "crawl" in parts:
         print("[crawl] ...", file=sys.stderr)
         results |= bench_crawl(args.archive)
+    if "runtimes" in parts:
+        results |= bench_runtimes()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     args.out.write_text(json.dumps(previous | results, indent=1) + "\n")  # a partial run keeps older figures

@@ -6,35 +6,51 @@ page) answers from one of these folders through hsflow.recommend.
 It sits above the model layer (hsflow.models: backbones, head, LightningModule) and above the product features it
 bundles (hsflow.unknown, hsflow.precedents), so the network code never depends on them.
 
+The folder also carries the whole network exported to ONNX (`network.onnx`: a preprocessed batch in, `logits` and
+the pooled `embedding` out; hsflow.runtime). On a CPU every door answers through ONNX Runtime from it (3-5x torch
+eager), with the same codes and probabilities as torch (tests/test_onnx_runtime.py); a model saved without it, a
+GPU, or HSFLOW_RUNTIME=torch in the environment (`runtime = "torch"`) answer through torch. `forward_arrays` is the
+one seam: preprocessed photos in, (logits, embeddings) out, numpy; torch is imported only where torch runs the
+network or saves it, so a folder with network.onnx loads and answers without torch (the precedent index is numpy;
+the unknown score and the review rule are hsflow.unknown's and hsflow.calibration's).
+
 Loading never unpickles arbitrary objects: meta is JSON and the weights load with `torch.load(weights_only=True)`
 into a network rebuilt from the backbone registry (no download: the weights file holds every parameter).
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+import numpy as np
 
-from hsflow.data.transforms import build_preprocess
-from hsflow.models.network import build_network
+from hsflow import runtime as rt
+from hsflow.images import preprocess_array
 from hsflow.precedents import PrecedentIndex
-from hsflow.unknown import UnknownScorer
 
-WEIGHTS, META = "weights.pt", "meta.json"
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from hsflow.unknown import UnknownScorer
+
+WEIGHTS, META, ONNX = "weights.pt", "meta.json", "network.onnx"
 
 
 @dataclass
 class HSModel:
-    net: nn.Sequential
+    net: nn.Sequential | None  # None: loaded without torch (network.onnx answers)
     meta: dict  # backbone, unfreeze, head, classes, preprocess, temperature, review_threshold, run facts
     precedents: PrecedentIndex | None = field(default=None, repr=False)  # training photos' rulings, if saved
     unknown: UnknownScorer | None = field(default=None, repr=False)  # training embeddings + threshold; None: never
     # Where it was loaded from when that was a registered version: {registered_model, version, aliases} (set by
     # hsflow.recommend.load and the MLflow model; not saved): every answer names the version that gave it.
     source: dict = field(default_factory=dict, repr=False)
+    onnx: rt.OnnxNetwork | None = field(default=None, repr=False)  # network.onnx under ONNX Runtime, if saved
+    runtime: str = "onnx"  # onnx: answer through `onnx` on a CPU when there is one | torch: always through `net`
 
     @property
     def classes(self) -> list[str]:
@@ -45,13 +61,22 @@ class HSModel:
         return float(self.meta.get("temperature", 1.0))
 
     def preprocess(self):
+        """PIL RGB -> normalized torch tensor (torchvision), for torch callers; the doors use `preprocess_array`."""
+        from hsflow.data.transforms import build_preprocess
+
         return build_preprocess(self.meta["preprocess"])
 
+    def preprocess_array(self, img) -> np.ndarray:
+        """PIL RGB -> the network's float32 CHW input, numpy, to the bit what `preprocess` gives (no torch)."""
+        return preprocess_array(img, self.meta["preprocess"])
+
     def save(self, folder: Path) -> list[Path]:
+        import torch
+
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(self.net.state_dict(), folder / WEIGHTS)
         meta = {k: v for k, v in self.meta.items() if k != "unknown"}
-        files = [folder / WEIGHTS, folder / META]
+        files = [folder / WEIGHTS, folder / META] + self.export(folder)
         if self.unknown is not None:
             meta["unknown"] = self.unknown.meta()
             files.append(self.unknown.save(folder))
@@ -60,38 +85,103 @@ class HSModel:
 
     @classmethod
     def load(cls, folder: Path) -> "HSModel":
-        """Load from a folder holding weights.pt and meta.json (searched recursively: an MLflow model dir works)."""
+        """Load from a folder holding meta.json and weights.pt and/or network.onnx (searched recursively: an MLflow
+        model dir works). Without torch installed, network.onnx answers and the network in torch is not built."""
         folder = Path(folder)
         metas = [folder / META] if (folder / META).is_file() else sorted(folder.rglob(META))
         if not metas:
             raise FileNotFoundError(f"{folder}: no {META} found; is this an hsflow model?")
-        meta = json.loads(metas[0].read_text())
-        net = build_network(meta)
-        net.load_state_dict(torch.load(metas[0].parent / WEIGHTS, map_location="cpu", weights_only=True))
-        unknown = UnknownScorer.load(metas[0].parent, meta["unknown"]) if meta.get("unknown") else None
-        return cls(net.eval(), meta, PrecedentIndex.load(metas[0].parent), unknown)
+        meta, folder = json.loads(metas[0].read_text()), metas[0].parent
+        session = _session(folder / ONNX)
+        net = _torch_network(meta, folder, needed=session is None)
+        if meta.get("unknown"):
+            from hsflow.unknown import UnknownScorer
 
-    @torch.inference_mode()
+            unknown = UnknownScorer.load(folder, meta["unknown"])
+        else:
+            unknown = None
+        return cls(net, meta, PrecedentIndex.load(folder), unknown, onnx=session,
+                   runtime=rt.check_runtime(os.environ.get(rt.ENV, "onnx")))
+
+    def export(self, folder: Path) -> list[Path]:
+        """network.onnx beside weights.pt; [] (and one warning line: torch will answer) when the export fails."""
+        import torch
+
+        from hsflow.models.network import LogitsAndEmbedding
+
+        size = int(self.meta["preprocess"]["size"])
+        try:
+            return [rt.export(LogitsAndEmbedding(self.net).eval(), torch.zeros(2, 3, size, size), folder / ONNX,
+                              ["logits", "embedding"])]
+        except Exception as exc:  # noqa: BLE001 - a network the exporter refuses is still a saved model
+            rt.warn_once(f"the model is saved without {ONNX}, torch will answer ({rt.unavailable(exc)})")
+            return []
+
+    def forward_arrays(self, x: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+        """The seam every answer goes through: preprocessed photos (N, 3, H, W float32) -> (logits, pooled
+        embeddings), float32 numpy. ONNX Runtime answers on a CPU when the folder carries network.onnx (and runtime
+        is onnx); torch otherwise, converting here and nowhere else."""
+        if self._through_onnx(device):
+            out = self.onnx.run(x)
+            return out["logits"], out["embedding"]
+        import torch
+
+        logits, emb = self.logits_and_embeddings(torch.from_numpy(np.ascontiguousarray(x)).to(device))
+        return logits.cpu().numpy(), emb.cpu().numpy()
+
+    def answer_arrays(self, x: np.ndarray, device: str = "cpu", tta: bool | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Calibrated class probabilities (softmax of logits / temperature; with the mirror-image TTA if trained
+        so), embeddings and raw logits of preprocessed photos, numpy: what hsflow.recommend and the unknown score
+        read (the numpy twin of `forward`)."""
+        tta = self.meta.get("tta", False) if tta is None else tta
+        logits, emb = self.forward_arrays(x, device)
+        if tta:
+            logits = (logits + self.forward_arrays(np.ascontiguousarray(x[..., ::-1]), device)[0]) / 2
+        z = logits / np.float32(self.temperature)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True), emb, logits
+
+    def _through_onnx(self, device: str) -> bool:
+        return self.onnx is not None and (self.runtime == "onnx" or self.net is None) and str(device) == "cpu"
+
+    def logits_and_embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, pooled embeddings) of a preprocessed torch batch, float32 torch, through the same engine as
+        `forward_arrays` (torch callers: training's figures, tests, the bench)."""
+        import torch
+
+        if self._through_onnx(x.device.type):
+            out = self.onnx.run(x.float().numpy())
+            return torch.from_numpy(out["logits"]), torch.from_numpy(out["embedding"])
+        with torch.inference_mode():
+            emb = self.net[1](self.net[0](x))
+            return self.net[2](emb).float(), emb.float()
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        import torch
 
-    @torch.inference_mode()
+        with torch.inference_mode():
+            return self.net(x)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled embedding of a preprocessed batch: what the head reads (frozen prefix, then the trained
         suffix for unfreeze > 0 models); the precedent index holds the training photos' embeddings."""
-        return self.net[1](self.net[0](x))
+        import torch
+
+        with torch.inference_mode():
+            return self.net[1](self.net[0](x))
 
     embedding = embed  # the name hsflow.unknown reads it by
 
-    @torch.inference_mode()
     def forward(self, x: torch.Tensor, tta: bool | None = None):
         """Calibrated class probabilities (with the mirror-image TTA if trained so), embeddings and raw logits of a
-        preprocessed batch, one forward: what every answer and the unknown score read."""
+        preprocessed torch batch, one forward, through the same engine as `forward_arrays` (torch callers)."""
+        import torch
+
         tta = self.meta.get("tta", False) if tta is None else tta
-        emb = self.embed(x)
-        logits = self.net[2](emb)
+        logits, emb = self.logits_and_embeddings(x)
         if tta:
-            logits = (logits + self.net(torch.flip(x, dims=[-1]))) / 2
+            logits = (logits + self.logits_and_embeddings(torch.flip(x, dims=[-1]))[0]) / 2
         return torch.softmax(logits / self.temperature, dim=1), emb, logits
 
     def probabilities_and_embeddings(self, x: torch.Tensor, tta: bool | None = None):
@@ -102,16 +192,52 @@ class HSModel:
         """Calibrated class probabilities for a preprocessed batch (with the mirror-image TTA if trained so)."""
         return self.forward(x, tta)[0]
 
-    def unknown_scores(self, emb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
-        """The unknown score of each photo (hsflow.unknown, numpy), None without a scorer."""
+    def unknown_scores(self, emb, logits) -> np.ndarray | None:
+        """The unknown score of each photo (hsflow.unknown, numpy; embeddings and raw logits as numpy arrays or torch
+        tensors), None without a scorer."""
         if self.unknown is None:
             return None
-        return torch.from_numpy(self.unknown.score(emb.float().cpu().numpy(), logits.float().cpu().numpy()))
+        return self.unknown.score(_array(emb), _array(logits))
 
     def outputs(self, x: torch.Tensor, tta: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Calibrated probabilities and unknown scores (None without a scorer) from one forward pass."""
+        import torch
+
         probs, emb, logits = self.forward(x, tta)
-        return probs, self.unknown_scores(emb, logits)
+        scores = self.unknown_scores(emb, logits)
+        return probs, None if scores is None else torch.from_numpy(scores)
+
+
+def _array(x) -> np.ndarray:
+    """float32 numpy from a numpy array or a torch tensor (any device), without importing torch."""
+    return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
+
+
+def _session(path: Path) -> rt.OnnxNetwork | None:
+    """network.onnx under ONNX Runtime; None when absent, refused (one warning line) or HSFLOW_RUNTIME=torch."""
+    if not path.is_file() or os.environ.get(rt.ENV) == "torch":
+        return None
+    try:
+        return rt.OnnxNetwork(path)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime missing or the file refused: torch answers
+        rt.warn_once(f"{path} not used, torch answers ({rt.unavailable(exc)})")
+        return None
+
+
+def _torch_network(meta: dict, folder: Path, needed: bool):
+    """The network rebuilt in torch from weights.pt; None when torch is not installed and network.onnx answers."""
+    try:
+        import torch
+
+        from hsflow.models.network import build_network
+    except ImportError:
+        if needed:
+            raise ImportError(f"{folder}: this model has no usable {ONNX}, and torch is not installed to run "
+                              f"{WEIGHTS}") from None
+        return None
+    net = build_network(meta)
+    net.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
+    return net.eval()
 
 
 def load_model(uri: str) -> HSModel:

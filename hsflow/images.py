@@ -78,3 +78,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return img.convert("RGB")
+
+
+def preprocess_array(img: Image.Image, spec: dict):
+    """The network's input for one RGB photo as a float32 CHW numpy array, without torch: resize the short side to
+    spec["resize"] (PIL bilinear, antialiased), centre-crop spec["size"], scale to [0, 1], normalise by spec["mean"]
+    and spec["std"]. The same numbers as hsflow.data.transforms.build_preprocess (torchvision), to the bit
+    (tests/test_onnx_runtime.py): the served model's environment has no torch."""
+    import numpy as np
+
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = int(spec["resize"]), int(int(spec["resize"]) * long / short)
+    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    if size != (w, h):
+        img = img.resize(size, Image.BILINEAR)
+    crop = int(spec["size"])
+    top, left = int(round((size[1] - crop) / 2.0)), int(round((size[0] - crop) / 2.0))
+    x = np.asarray(img.crop((left, top, left + crop, top + crop)), dtype=np.uint8).astype(np.float32) / np.float32(255)
+    mean, std = np.asarray(spec["mean"], np.float32), np.asarray(spec["std"], np.float32)
+    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))

@@ -6,8 +6,10 @@ weights, with its ruling's number, date, decided code, product name and reasonin
 a query is one matrix product (cosine similarity), and the k nearest *rulings* (each by its closest photo) are the
 precedents. The model folder stays self-contained: nothing reads the raw store at recommend time.
 
-Files in the model folder: precedents.pt (embeddings, read with torch.load(weights_only=True)), precedents.json
-(rulings and photos), precedent_thumbs.zip (one JPEG per photo, `THUMB_PX` on the long side).
+Files in the model folder: precedents.npy (embeddings, float16, read with numpy.load(allow_pickle=False); models
+saved before issue 26 have precedents.pt, read with torch.load(weights_only=True)), precedents.json (rulings and
+photos), precedent_thumbs.zip (one JPEG per photo, `THUMB_PX` on the long side). Numpy only: the served model's
+environment has no torch (embeddings given as torch tensors are converted).
 """
 from __future__ import annotations
 
@@ -17,18 +19,19 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from hsflow.images import PhotoError, open_rgb
 
-EMBEDDINGS, FACTS, THUMBS = "precedents.pt", "precedents.json", "precedent_thumbs.zip"
+EMBEDDINGS, FACTS, THUMBS = "precedents.npy", "precedents.json", "precedent_thumbs.zip"
+EMBEDDINGS_V1 = "precedents.pt"  # models saved before issue 26
 THUMB_PX, THUMB_QUALITY = 96, 75
 DEFAULT_K = 3
 
 
 @dataclass
 class PrecedentIndex:
-    embeddings: torch.Tensor  # (photos, dim) float16, L2-normalized rows
+    embeddings: np.ndarray    # (photos, dim) float16, L2-normalized rows
     photo_ruling: list[int]   # photo row -> index into rulings
     photo_file: list[str]     # photo row -> its file name in the raw store (and in the thumbnail zip)
     rulings: list[dict]       # rrdc_no, date, hs_code (decided), label (the class it trained as), product, reasoning
@@ -36,20 +39,21 @@ class PrecedentIndex:
     k: int = DEFAULT_K
 
     def __post_init__(self):
-        self._matrix = self.embeddings.float()
+        self.embeddings = as_array(self.embeddings).astype(np.float16)
+        self._matrix = self.embeddings.astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.photo_file)
 
-    def nearest(self, emb: torch.Tensor, k: int | None = None) -> list[list[dict]]:
+    def nearest(self, emb, k: int | None = None) -> list[list[dict]]:
         """The k most similar rulings for each embedding of a batch (each ruling once, by its closest photo)."""
         k = self.k if k is None else k
         if k <= 0 or not len(self):
             return [[] for _ in range(len(emb))]
-        sims = normalize(emb.float().cpu()) @ self._matrix.T
+        sims = normalize(as_array(emb)) @ self._matrix.T
         out = []
         for row in sims:
-            order = row.argsort(descending=True).tolist()
+            order = np.argsort(-row, kind="stable").tolist()
             found: dict[int, dict] = {}
             for i in order:
                 r = self.photo_ruling[i]
@@ -61,9 +65,9 @@ class PrecedentIndex:
             out.append(list(found.values()))
         return out
 
-    def nearest_label(self, emb: torch.Tensor) -> list[str]:
+    def nearest_label(self, emb) -> list[str]:
         """The class of the single most similar training photo, per embedding (the precedent top-1 measure)."""
-        best = (normalize(emb.float().cpu()) @ self._matrix.T).argmax(1).tolist()
+        best = (normalize(as_array(emb)) @ self._matrix.T).argmax(1).tolist()
         return [self.rulings[self.photo_ruling[i]]["label"] for i in best]
 
     def thumbnail(self, file: str) -> bytes | None:
@@ -77,7 +81,7 @@ class PrecedentIndex:
 
     # --- files ---------------------------------------------------------------------------------------------------
     def save(self, folder: Path) -> list[Path]:
-        torch.save({"embeddings": self.embeddings.contiguous()}, folder / EMBEDDINGS)
+        np.save(folder / EMBEDDINGS, np.ascontiguousarray(self.embeddings))
         facts = {"k": self.k, "rulings": self.rulings,
                  "photos": [{"file": f, "ruling": r} for f, r in zip(self.photo_file, self.photo_ruling)]}
         (folder / FACTS).write_text(json.dumps(facts, ensure_ascii=False))
@@ -93,14 +97,29 @@ class PrecedentIndex:
         if not (folder / FACTS).is_file():
             return None
         facts = json.loads((folder / FACTS).read_text(encoding="utf-8"))
-        emb = torch.load(folder / EMBEDDINGS, map_location="cpu", weights_only=True)["embeddings"]
+        if (folder / EMBEDDINGS).is_file():
+            emb = np.load(folder / EMBEDDINGS, allow_pickle=False)
+        else:  # saved before issue 26
+            import torch
+
+            emb = torch.load(folder / EMBEDDINGS_V1, map_location="cpu", weights_only=True)["embeddings"]
         thumbs = (folder / THUMBS).read_bytes() if (folder / THUMBS).is_file() else None
         return cls(emb, [p["ruling"] for p in facts["photos"]], [p["file"] for p in facts["photos"]],
                    facts["rulings"], thumbs, int(facts.get("k", DEFAULT_K)))
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x, dim=-1)
+def as_array(x) -> np.ndarray:
+    """float32 numpy rows from a numpy array or a torch tensor (any device), without importing torch."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    x = np.asarray(x)
+    return x if x.dtype == np.float16 else x.astype(np.float32, copy=False)
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (as torch.nn.functional.normalize: norms under 1e-12 count as 1e-12)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
 
 
 def public(ruling: dict) -> dict:
@@ -116,7 +135,7 @@ def thumbnail_jpeg(path: str | Path, px: int = THUMB_PX) -> bytes:
     return buf.getvalue()
 
 
-def build(samples, embeddings: torch.Tensor, classes: list[str], store_root: str | Path,
+def build(samples, embeddings, classes: list[str], store_root: str | Path,
           k: int = DEFAULT_K, thumbs: bool = True) -> PrecedentIndex:
     """The index over training samples (originals) and their embeddings (aligned), with facts from the store."""
     from hsflow.store import RawStore
@@ -145,4 +164,5 @@ def build(samples, embeddings: torch.Tensor, classes: list[str], store_root: str
                 except PhotoError:  # the dataset builder already dropped undecodable photos; a race only
                     pass
         zipped = buf.getvalue()
-    return PrecedentIndex(normalize(embeddings.float()).half(), photo_ruling, photo_file, rulings, zipped, k)
+    emb = normalize(as_array(embeddings)).astype(np.float16)
+    return PrecedentIndex(emb, photo_ruling, photo_file, rulings, zipped, k)

@@ -7,7 +7,8 @@ when the photo lies farther from every training photo than validation photos do 
 needs review and its codes are only the nearest trained ones; and the precedents: the training rulings whose photos
 look most alike (hsflow.precedents), with whether the nearest one's code agrees with the top candidate; and which
 model answered (`model`: its run and, for a registered version, name, version and aliases). Without --model the
-registered model's `champion` answers (hsflow.registry, docs/refresh.md). Photos
+registered model's `champion` answers, else the latest `make train` model (hsflow.registry.default_model_uri, the
+rule of every door; docs/refresh.md). Photos
 (files, or bytes as PhotoInput) are
 decoded and preprocessed exactly as training did (`open_rgb` with JPEG draft decoding at the resize size, then
 the model's preprocessing), so top-1 on a test split equals the test top-1 the training run logged.
@@ -31,16 +32,15 @@ from typing import Iterable, Iterator
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hsflow import hs  # noqa: E402
+from hsflow.bundle import HSModel  # noqa: E402
 from hsflow.calibration import ANSWER, outcome  # noqa: E402
 from hsflow.config import default_tracking_uri  # noqa: E402
-from hsflow.data.loading import default_workers  # noqa: E402
 from hsflow.images import PhotoError, open_rgb  # noqa: E402
-from hsflow.bundle import HSModel  # noqa: E402
+from hsflow.precedents import normalize  # noqa: E402
 
 UNKNOWN_MARK = "[UNKNOWN: not like any trained product]"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -185,9 +185,10 @@ def photo_inputs(sources: Iterable[str | Path | PhotoInput], group_by: str = "no
     return out
 
 
-class _Photos(Dataset):
-    """What training's PhotoDataset does for an original photo, with failures returned instead of raised so one
-    bad file never stops a batch."""
+class _Photos:
+    """What training's PhotoDataset does for an original photo (numpy preprocessing, the same numbers: hsflow.images),
+    with failures returned instead of raised so one bad file never stops a batch. A map-style dataset: a torch
+    DataLoader decodes it in workers when there are several batches and workers to use."""
 
     def __init__(self, photos: list[PhotoInput], preprocess, draft_size: int | None):
         self.photos, self.preprocess, self.draft = photos, preprocess, draft_size
@@ -210,34 +211,61 @@ class _Photos(Dataset):
 
 def _collate(items):
     ok = [(i, x) for i, x, _ in items if x is not None]
-    batch = torch.stack([x for _, x in ok]) if ok else None
+    batch = np.stack([x for _, x in ok]) if ok else None
     return [i for i, _ in ok], batch, [(i, e) for i, _, e in items if e is not None]
+
+
+def _batches(dataset: _Photos, batch_size: int, workers: int, device: str):
+    """(indices, batch, errors) per batch: decoded in this process, or by a torch DataLoader's `workers`."""
+    if workers == 0:
+        for start in range(0, len(dataset), batch_size):
+            yield _collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        return
+    from torch.utils.data import DataLoader
+
+    yield from DataLoader(dataset, batch_size=batch_size, collate_fn=_collate, num_workers=workers,
+                          pin_memory=device.startswith("cuda"))
+
+
+def _device(device: str | None) -> str:
+    """The device asked for, else CUDA when torch is installed and sees one, else the CPU."""
+    if device:
+        return device
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def predict(model: HSModel, photos: list[PhotoInput | Path], *, batch_size: int = 32,
             num_workers: int | None = None, device: str | None = None, progress: bool | None = None
-            ) -> Iterator[tuple[PhotoInput, torch.Tensor | None, torch.Tensor | None, float | None, str | None]]:
+            ) -> Iterator[tuple[PhotoInput, np.ndarray | None, np.ndarray | None, float | None, str | None]]:
     """(photo, calibrated probabilities, embedding, unknown score, error) per photo, in order, streamed batch by
-    batch; the tensors are None for a photo that failed, the error None for one that did not, the score None for a
-    model without a scorer."""
+    batch; the arrays (float32 numpy) are None for a photo that failed, the error None for one that did not, the
+    score None for a model without a scorer."""
     photos = [p if isinstance(p, PhotoInput) else PhotoInput(str(p)) for p in photos]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = model.net.to(device).eval().to(memory_format=torch.channels_last)  # as features.extract does
+    device = _device(device)
+    if model.net is not None:  # torch may answer (a GPU, HSFLOW_RUNTIME=torch): on `device`, as features.extract runs
+        import torch
+
+        model.net.to(device).eval().to(memory_format=torch.channels_last)
     batches = math.ceil(len(photos) / batch_size)
-    workers = default_workers(device) if num_workers is None else num_workers
-    loader = DataLoader(_Photos(photos, model.preprocess(), model.meta["preprocess"]["resize"]),
-                        batch_size=batch_size, collate_fn=_collate, num_workers=min(workers, batches) if batches > 1
-                        else 0, pin_memory=device.startswith("cuda"))
+    if num_workers is None and batches > 1:
+        from hsflow.data.loading import default_workers
+
+        num_workers = default_workers(device)
+    workers = min(num_workers or 0, batches) if batches > 1 else 0
+    dataset = _Photos(photos, model.preprocess_array, model.meta["preprocess"]["resize"])
     disable = (len(photos) < PROGRESS_MIN or None) if progress is None else not progress  # None: only on a TTY
     with tqdm(total=len(photos), desc="recommend", unit="photo", disable=disable, file=sys.stderr) as bar:
-        for idx, x, errors in loader:
+        for idx, x, errors in _batches(dataset, batch_size, workers, device):
             out: dict[int, tuple] = {i: (None, None, None, e) for i, e in errors}
             if x is not None:
-                probs, emb, logits = model.forward(x.to(device, non_blocking=True))
+                probs, emb, logits = model.answer_arrays(x, device)
                 scores = model.unknown_scores(emb, logits)
                 scores = [None] * len(idx) if scores is None else scores.tolist()
-                out.update({i: (p, e, s, None) for i, p, e, s in zip(idx, probs.float().cpu(), emb.float().cpu(),
-                                                                     scores)})
+                out.update({i: (p, e, s, None) for i, p, e, s in zip(idx, probs, emb, scores)})
             for i in sorted(out):
                 yield photos[i], *out[i]
             bar.update(len(out))
@@ -245,17 +273,17 @@ def predict(model: HSModel, photos: list[PhotoInput | Path], *, batch_size: int 
 
 # --- recommendations ---------------------------------------------------------------------------------------------
 
-def candidates(probs: torch.Tensor, classes: list[str], top_k: int) -> list[dict]:
-    values, index = probs.topk(min(top_k, len(classes)))
+def candidates(probs: np.ndarray, classes: list[str], top_k: int) -> list[dict]:
+    index = np.argsort(-probs, kind="stable")[:min(top_k, len(classes))]
     out = []
-    for p, i in zip(values.tolist(), index.tolist()):
+    for p, i in zip(probs[index].tolist(), index.tolist()):
         info = hs.describe(classes[i])
         out.append({"hs_code": info.hs_code, "probability": p, "description": info.description,
                     "heading": info.heading, "chapter": info.chapter})
     return out
 
 
-def full_rollup(probs: torch.Tensor, classes: list[str]) -> dict:
+def full_rollup(probs: np.ndarray, classes: list[str]) -> dict:
     by_code = dict(zip(classes, probs.tolist()))
     return {"chapters": hs.chapters(by_code), "headings": hs.headings(by_code)}
 
@@ -265,7 +293,7 @@ def is_unknown(model: HSModel, unknown_score: float | None) -> bool:
     return model.unknown is not None and unknown_score is not None and bool(model.unknown.decide(unknown_score))
 
 
-def _recommendation(image: str, probs: torch.Tensor, emb: torch.Tensor, model: HSModel, top_k: int,
+def _recommendation(image: str, probs: np.ndarray, emb: np.ndarray, model: HSModel, top_k: int,
                     n_precedents: int | None, images=None, group_key: str = "folder",
                     unknown_score: float | None = None) -> Recommendation:
     roll = full_rollup(probs, model.classes)
@@ -280,8 +308,8 @@ def _recommendation(image: str, probs: torch.Tensor, emb: torch.Tensor, model: H
                          unknown_threshold=model.unknown.threshold if model.unknown else None)
     index = model.precedents
     if index is not None and n_precedents != 0:
-        rec.precedents = index.nearest(emb.unsqueeze(0), n_precedents)[0]
-        nearest = index.nearest_label(emb.unsqueeze(0))[0]  # the class the nearest ruling trained as
+        rec.precedents = index.nearest(emb[None], n_precedents)[0]
+        nearest = index.nearest_label(emb[None])[0]  # the class the nearest ruling trained as
         rec.precedent_agrees = nearest == model.classes[int(probs.argmax())]
     return rec
 
@@ -338,7 +366,7 @@ def _answers(model: HSModel, paths, top_k, group_by, batch_size, num_workers, de
     key = "folder" if group_by == "folder" else "item"
     stream = predict(model, photos, batch_size=batch_size, num_workers=num_workers, device=device,
                      progress=progress)
-    groups: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, float | None]]] = {}
+    groups: dict[str, list[tuple[str, np.ndarray, np.ndarray, float | None]]] = {}
     for src, probs, emb, score, error in stream:
         if src.item is not None:
             groups.setdefault(src.item, [])
@@ -353,8 +381,8 @@ def _answers(model: HSModel, paths, top_k, group_by, batch_size, num_workers, de
         if not members:
             yield _failed(item, f"{item}: no usable photo in this {key}", images=[], group_key=key)
             continue
-        mean = torch.stack([m[1] for m in members]).mean(0)
-        emb = torch.nn.functional.normalize(torch.stack([m[2] for m in members]), dim=1).mean(0)
+        mean = np.stack([m[1] for m in members]).mean(0)
+        emb = normalize(np.stack([m[2] for m in members])).mean(0)
         scores = [m[3] for m in members if m[3] is not None]  # an item is unknown when its photos are, on average
         yield _recommendation(item, mean, emb, model, top_k, precedents, images=[m[0] for m in members],
                               group_key=key, unknown_score=sum(scores) / len(scores) if scores else None)
@@ -411,24 +439,25 @@ def to_table(rec: Recommendation) -> str:
     return "\n".join(lines)
 
 
-def champion(name: str | None) -> str | None:
-    """models:/<name>/<version> of the registered model's champion (hsflow by default), or None after one error
-    line saying what to do."""
-    from hsflow.registry import DEFAULT_NAME, champion_uri
+def default_model(name: str | None) -> str | None:
+    """The model every door answers with when none is named (hsflow.registry.default_model_uri: the registered
+    model's champion, else the latest `make train` model), or None after one error line saying what to do."""
+    from hsflow.registry import default_model_uri
 
-    name = name or DEFAULT_NAME
-    uri = champion_uri(name, tracking_uri())
-    if uri is None:
-        print(f"error: no --model given and registered model {name!r} has no champion in {tracking_uri()}: "
-              "pass --model runs:/<run id>/model (or a folder), or run `make refresh`", file=sys.stderr)
-    return uri
+    try:
+        return default_model_uri(name, tracking_uri=tracking_uri())
+    except LookupError as exc:
+        print(f"error: no --model given and {exc}; or pass --model runs:/<run id>/model (or a folder)",
+              file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hsflow.recommend", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="runs:/<run id>/model, models:/<name>/<version>, "
-                    "models:/<name>@<alias> or a folder (default: the registered model's champion)")
+                    "models:/<name>@<alias> or a folder (default: the registered model's champion, else the "
+                    "latest `make train` model)")
     ap.add_argument("--registered-model", default=None, metavar="NAME",
                     help="whose champion answers when --model is not given (default: hsflow)")
     ap.add_argument("--top-k", type=int, default=5)
@@ -449,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print(f"error: no photos found in {' '.join(args.paths)}", file=sys.stderr)
         return 2
-    args.model = args.model or champion(args.registered_model)
+    args.model = args.model or default_model(args.registered_model)
     if args.model is None:
         return 2
     try:

@@ -12,12 +12,16 @@ Every function takes a client on an explicit tracking store; nothing here trains
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from hsflow.config import default_tracking_uri
+
 DEFAULT_NAME = "hsflow"       # conf/refresh.yaml's refresh.registered_model; `--registered-model` of the doors
 CHAMPION, CHALLENGER = "champion", "challenger"
+EXPERIMENT = "hsflow"  # conf/logger/mlflow.yaml's experiment_name: where `make train` logs
 STACK_TAG = "hsflow.champion_stack"
 DESCRIPTION = ("hsflow's HS-code recommender. Alias `champion`: the version `make serve`, `make review` and "
                "`hsflow.recommend` answer with. Alias `challenger`: the latest version a refresh trained and scored. "
@@ -78,15 +82,48 @@ def stack(client: MlflowClient, name: str) -> list[str]:
 def champion_uri(name: str = DEFAULT_NAME, tracking_uri: str | None = None) -> str | None:
     """models:/<name>/<version> of the champion (resolved now, so a later move of the alias cannot change what a
     caller loads), or None when the store, the registered model or the alias is absent."""
-    from pathlib import Path
-
-    from hsflow.config import default_tracking_uri
-
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return None
     found = by_alias(MlflowClient(uri), name, CHAMPION)
     return f"models:/{name}/{found.version}" if found else None
+
+
+def latest_model_uri(experiment: str = EXPERIMENT, run_filter: str = "", tracking_uri: str | None = None) -> str:
+    """runs:/<id>/model of the most recently started finished run in `experiment` that logged a model; LookupError
+    with one line saying what to do when there is none."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise LookupError(f"no tracking store at {uri}: run `make train` first (or set MLFLOW_TRACKING_URI)")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise LookupError(f"no MLflow experiment {experiment!r} in {uri}: run `make train` first")
+    where = "attributes.status = 'FINISHED'" + (f" AND {run_filter}" if run_filter else "")
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        for run in client.search_runs([exp.experiment_id], where, order_by=["attributes.start_time DESC"],
+                                      max_results=100):
+            if mlflow.search_logged_models(experiment_ids=[exp.experiment_id], max_results=1, output_format="list",
+                                           filter_string=f"source_run_id = '{run.info.run_id}'"):
+                return f"runs:/{run.info.run_id}/model"
+    finally:
+        mlflow.set_tracking_uri(saved)
+    raise LookupError(f"no finished run with a logged model in experiment {experiment!r} of {uri}"
+                      + (f" matching {run_filter!r}" if run_filter else "") + ": run `make train` first")
+
+
+def default_model_uri(name: str | None = None, experiment: str = EXPERIMENT, run_filter: str = "",
+                      tracking_uri: str | None = None) -> str:
+    """The model every door answers with when none is named (CLI, `make serve`, `make review`): the registered
+    model's champion, else the latest finished `make train` run's model; with `run_filter`, the latest match. A
+    LookupError with one line saying what to do when there is neither."""
+    return (None if run_filter else champion_uri(name or DEFAULT_NAME, tracking_uri)) or \
+        latest_model_uri(experiment, run_filter, tracking_uri)
 
 
 def ensure(client: MlflowClient, name: str) -> None:

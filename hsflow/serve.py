@@ -1,13 +1,13 @@
 """`python -m hsflow.serve [--model URI] [--port 5001]` (`make serve`): the model behind MLflow's own REST server.
 
 Runs `mlflow models serve -m <model> --env-manager local --host 127.0.0.1`, so the service is exactly what a team
-deploys with MLflow (`mlflow models serve`, `mlflow models build-docker`). Without --model it serves the champion of
-the registered model (`models:/hsflow@champion`, resolved to its version at start: docs/refresh.md; restart after
-the alias moves), and without a champion the latest finished run with a logged model in the experiment `make train`
-logs to (MLflow's search API; --experiment and --filter narrow the search, e.g.
---filter "params.\\`model.name\\` = 'efficientnet_lite0'", and choose it over the champion). Every answer names the
-model that gave it (`model`: run, registered name, version, aliases). POST photos to /invocations as base64
-(docs/recommend.md: "The three ways to ask").
+deploys with MLflow (`mlflow models serve`, `mlflow models build-docker`). Without --model it serves what every door
+serves (hsflow.registry.default_model_uri): the champion of the registered model (`models:/hsflow@champion`,
+resolved to its version at start: docs/refresh.md; restart after the alias moves), and without a champion the
+latest finished run with a logged model in the experiment `make train` logs to (MLflow's search API; --experiment
+and --filter narrow the search, e.g. --filter "params.\\`model.name\\` = 'efficientnet_lite0'", and choose it over the
+champion). Every answer names the model that gave it (`model`: run, registered name, version, aliases). POST photos
+to /invocations as base64 (docs/recommend.md: "The three ways to ask").
 """
 from __future__ import annotations
 
@@ -20,37 +20,9 @@ from pathlib import Path
 
 from hsflow import registry
 from hsflow.config import default_tracking_uri
+from hsflow.registry import EXPERIMENT, default_model_uri, latest_model_uri  # noqa: F401 - the doors' one rule
 
-EXPERIMENT = "hsflow"  # conf/logger/mlflow.yaml's experiment_name: where `make train` logs
 DEFAULT_PORT = 5001    # `make ui` has 5000
-
-
-def latest_model_uri(experiment: str = EXPERIMENT, run_filter: str = "", tracking_uri: str | None = None) -> str:
-    """runs:/<id>/model of the most recently started finished run in `experiment` that logged a model; LookupError
-    with one line saying what to do when there is none."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise LookupError(f"no tracking store at {uri}: run `make train` first (or set MLFLOW_TRACKING_URI)")
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise LookupError(f"no MLflow experiment {experiment!r} in {uri}: run `make train` first")
-    where = "attributes.status = 'FINISHED'" + (f" AND {run_filter}" if run_filter else "")
-    saved = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        for run in client.search_runs([exp.experiment_id], where, order_by=["attributes.start_time DESC"],
-                                      max_results=100):
-            if mlflow.search_logged_models(experiment_ids=[exp.experiment_id], max_results=1, output_format="list",
-                                           filter_string=f"source_run_id = '{run.info.run_id}'"):
-                return f"runs:/{run.info.run_id}/model"
-    finally:
-        mlflow.set_tracking_uri(saved)
-    raise LookupError(f"no finished run with a logged model in experiment {experiment!r} of {uri}"
-                      + (f" matching {run_filter!r}" if run_filter else "") + ": run `make train` first")
 
 
 def server_args(prog: str, description: str, port: int, argv: list[str] | None,
@@ -72,8 +44,7 @@ def server_args(prog: str, description: str, port: int, argv: list[str] | None,
     extra(ap)
     args = ap.parse_args(argv)
     try:
-        return args, args.model or (None if args.run_filter else registry.champion_uri(args.registered_model)) or \
-            latest_model_uri(args.experiment, args.run_filter)
+        return args, args.model or default_model_uri(args.registered_model, args.experiment, args.run_filter)
     except LookupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return args, None

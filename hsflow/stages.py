@@ -437,7 +437,7 @@ def cached_features(ctx: RunContext) -> dict[str, torch.Tensor]:
     cache, preprocess, augmenter = FeatureCache(cfg.paths.cache_dir, net.cache_id), build_preprocess(ctx.pre), \
         augmenter_of(ctx)
     common = dict(batch_size=int(cfg.batch_size), num_workers=ctx.workers, device=ctx.device,
-                  draft_size=ctx.pre["resize"])
+                  draft_size=ctx.pre["resize"], runtime=str(cfg.get("runtime") or "onnx"))
     feats = {}
     for sp in SPLITS:
         samples = ctx.spec.split(sp)

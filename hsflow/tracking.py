@@ -32,8 +32,20 @@ VIEW_ID = "hsflow-accuracy"
 VIEW_COLUMNS = ["metrics.`curves/top1_val`", "metrics.`test/top1`", "metrics.`test/top3`",
                 "metrics.`test/chapter_top1`", "metrics.`curves/loss_val`", "params.`model.name`",
                 "params.`dataset.name`", "params.`trainer.max_epochs`"]
-PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "efficientnet_lite_pytorch==0.1.0", "pillow",
-                    f"hsflow @ file://{ROOT_DIR}"]
+# What the logged model's own environment installs (`mlflow models serve --env-manager virtualenv|uv`, build-docker):
+# the packages the loaded model imports, at the versions it was trained with. hsflow itself ships inside the model
+# (MLflow `code_paths`: <model>/code/hsflow), so the model installs away from the checkout it was trained in. A model
+# with network.onnx answers without torch (ONNX Runtime, numpy: hsflow.bundle); one whose export failed needs torch.
+SERVED_PACKAGES = ("onnxruntime", "numpy", "pillow", "tqdm", "omegaconf")
+TORCH_PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "efficientnet_lite_pytorch")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def pip_requirements(with_torch: bool = False) -> list[str]:
+    from importlib.metadata import version
+
+    names = SERVED_PACKAGES + (TORCH_PACKAGES if with_torch else ())
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]
 
 
 def experiment_id(cfg: DictConfig) -> str:
@@ -360,8 +372,8 @@ def guarded(what: str, fn, *args, **kwargs) -> str | None:
 
 
 def log_model(model, cfg: DictConfig) -> str:
-    """The model as an MLflow pyfunc (model from code, every file HSModel.save writes inside, a signature and an
-    input example); returns its URI runs:/<id>/model."""
+    """The model as an MLflow pyfunc (model from code, every file HSModel.save writes inside, hsflow's own code as
+    its code_paths, its pip requirements, a signature and an input example); returns its URI runs:/<id>/model."""
     from hsflow import pyfunc
 
     # MLflow checks the input example by loading the logged model: without progress bars.
@@ -371,6 +383,9 @@ def log_model(model, cfg: DictConfig) -> str:
         mlflow.pyfunc.log_model(name="model", python_model=pyfunc.__file__,
                                 artifacts={p.name: str(p) for p in files},
                                 signature=signature(), input_example=input_example(model),
-                                pip_requirements=PIP_REQUIREMENTS, model_config=pyfunc.MODEL_CONFIG,
+                                pip_requirements=pip_requirements(with_torch=not any(p.suffix == ".onnx"
+                                                                                      for p in files)),
+                                code_paths=[str(PACKAGE_DIR)],
+                                model_config=pyfunc.MODEL_CONFIG,
                                 registered_model_name=cfg.logger.get("registered_model_name") or None)
     return f"runs:/{mlflow.active_run().info.run_id}/model"

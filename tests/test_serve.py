@@ -11,6 +11,7 @@ import zipfile
 from unittest import mock
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -50,8 +51,8 @@ def test_model_folder_holds_the_training_photos_rulings(tiny_run, tiny_model, tm
     index = tiny_model.precedents
     train = split_rows(tiny_run, tmp_path, "train")
     assert len(index) == len(train) and sorted(index.photo_file) == sorted(os.path.basename(r["path"]) for r in train)
-    assert index.embeddings.dtype == torch.float16
-    assert torch.allclose(index.embeddings.float().norm(dim=1), torch.ones(len(index)), atol=2e-3)
+    assert index.embeddings.dtype == np.float16
+    assert np.allclose(np.linalg.norm(index.embeddings.astype(np.float32), axis=1), 1, atol=2e-3)
     # Ruling facts come from the store's records, as the portal gave them.
     rec = json.loads((tiny_run["store"] / "rulings" / f"{index.rulings[0]['rrdc_no']}.json").read_text())
     assert index.rulings[0] == {"rrdc_no": rec["rrdc_no"], "date": rec["fields"]["ENFR_DT"],
@@ -64,7 +65,7 @@ def test_model_folder_holds_the_training_photos_rulings(tiny_run, tiny_model, tm
     # Saved and loaded again with the model, whole.
     HSModel(tiny_model.net, tiny_model.meta, index).save(tmp_path / "copy")
     again = PrecedentIndex.load(tmp_path / "copy")
-    assert torch.equal(again.embeddings, index.embeddings) and again.rulings == index.rulings
+    assert np.array_equal(again.embeddings, index.embeddings) and again.rulings == index.rulings
     assert again.thumbs == index.thumbs and again.k == 3
 
 
@@ -192,3 +193,20 @@ def test_rest_answers_base64_photos_and_one_error_for_a_corrupt_one(rest, tiny_r
     # The server reads no path on its own disk.
     status, body = invoke(rest.url, {"dataframe_split": {"columns": ["path"], "data": [[str(shots[0])]]}})
     assert status == 200 and "reads no paths" in body["predictions"][0]["error"]
+
+
+def test_every_door_defaults_to_the_champion_else_the_latest_make_train_model(tiny_run, monkeypatch, capsys):
+    """One rule (hsflow.registry.default_model_uri) for the CLI, make serve and make review: right after
+    `make train`, with no champion yet, `python -m hsflow.recommend photo.jpg` answers with the latest model."""
+    from hsflow.registry import default_model_uri
+
+    latest = f"runs:/{tiny_run['run_id']}/model"
+    assert default_model_uri(tracking_uri=tiny_run["tracking_uri"]) == latest
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_run["tracking_uri"])
+    photo = sorted((tiny_run["store"] / "photos").glob("*.jpg"))[0]
+    assert R.main(["--format", "json", str(photo)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["model"]["run_id"] == tiny_run["run_id"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_run['tracking_dir']}/none.db")
+    assert R.main([str(photo)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no --model given" in err[0] and "make train" in err[0]

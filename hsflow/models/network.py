@@ -17,3 +17,15 @@ def build_network(meta: dict) -> nn.Sequential:
     net = split_backbone(bb, meta["unfreeze"], spec_id(meta["preprocess"]), joined)
     head = head_from_spec(net.dim, len(meta["classes"]), meta["head"])  # older models: no kind, a softmax head
     return assemble(net.prefix, net.suffix, head)
+
+
+class LogitsAndEmbedding(nn.Module):
+    """The saved network with both outputs every door reads (what hsflow.bundle exports to network.onnx)."""
+
+    def __init__(self, net: nn.Sequential):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        emb = self.net[1](self.net[0](x))
+        return self.net[2](emb), emb
