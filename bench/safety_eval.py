@@ -21,7 +21,6 @@ import argparse
 import collections
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from hsflow.config import default_tracking_uri  # noqa: E402
 from hsflow.store import RawStore  # noqa: E402
+from unknown_eval import train  # noqa: E402  (bench/: the same CLI training, last line parsed)
 
 REPORT = ["0403200000", "0714200000", "0810500000", "0910110000", "2009710000", "2106900000", "2202990000"]
 
@@ -51,18 +51,6 @@ def choice_codes(store: Path) -> list[str]:
             out += [ranked[len(ranked) // 2 - 1], ranked[len(ranked) // 2 + 1]]
     assert not set(out) & set(REPORT)
     return sorted(out)
-
-
-def train(overrides: list[str], run_name: str, experiment: str) -> str:
-    cmd = [sys.executable, "-m", "hsflow.train", *overrides, f"logger.experiment_name={experiment}",
-           f"logger.run_name={run_name}"]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"training failed ({run_name}):\n{proc.stderr[-3000:]}")
-    last = proc.stdout.strip().splitlines()[-1]
-    print(last, flush=True)
-    return last.split()[0].removeprefix("run_id=")
 
 
 def shift_store(store: Path, folder: Path) -> Path:
