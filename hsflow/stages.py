@@ -307,9 +307,9 @@ def test(ctx: RunContext) -> None:
 
 
 def unknown_score(ctx: RunContext) -> None:
-    """The unknown score (hsflow.unknown): the training originals' embeddings and Gaussians under the final model,
-    each component's validation scores (msp from the model before the refit: what a new photo meets), the threshold
-    fitted on validation; its rate on validation and test."""
+    """The unknown score (hsflow.unknown): each component's validation scores and the threshold from a fit on the
+    training originals (msp from the model before the refit: what a new photo meets); the shipped Gaussians and bank
+    then also learn the validation photos when the head is refit on them; its rate on validation and test."""
     cfg = ctx.cfg
     if not cfg.unknown.enabled:
         return
@@ -320,15 +320,21 @@ def unknown_score(ctx: RunContext) -> None:
               "model is saved without an unknown score", file=sys.stderr, flush=True)
         return
     val_logits = originals(ctx, "val", ctx.val_logits)
+    val_samples = ctx.spec.split("val", originals_only=True)
+    u = cfg.unknown
     scorer = unknown.fit(train.numpy(), [s.label for s in train_samples], val.numpy(), val_logits.numpy(),
-                         ctx.calibration["temperature"], str(cfg.unknown.get("method", unknown.DEFAULT_METHOD)),
-                         float(cfg.unknown.max_val_rate), int(cfg.unknown.k),
-                         int(cfg.unknown.get("pca_dim", unknown.PCA_DIM)))
+                         ctx.calibration["temperature"], str(u.get("method", unknown.DEFAULT_METHOD)),
+                         float(u.max_val_rate), int(u.k), int(u.get("pca_dim", unknown.PCA_DIM)),
+                         val_labels=[s.label for s in val_samples] if cfg.refit.enabled else None,
+                         normalize=str(u.get("normalize", unknown.NORMALIZE)),
+                         shrinkage=float(u.get("shrinkage", unknown.SHRINKAGE)))
     _, test_emb = split_embeddings(ctx, "test")
     test_logits = originals(ctx, "test", split_logits(ctx.module, ctx.dm, "test")[0])
-    ctx.unknown_flags = {"val": scorer.decide(scorer.score(val.numpy(), val_logits.numpy())),
+    # Validation as the threshold met it (the reference fit, before the refit learned these photos).
+    ref = scorer.reference
+    ctx.unknown_flags = {"val": scorer.decide(ref["score"]),
                          "test": scorer.decide(scorer.score(test_emb.numpy(), test_logits.numpy()))}
-    ctx.scored = {"val": scorer.components(val.numpy(), val_logits.numpy()),
+    ctx.scored = {"val": {k: v for k, v in ref.items() if k != "score"},
                   "test": scorer.components(test_emb.numpy(), test_logits.numpy())}
     mlflow.log_metrics({"val/unknown_threshold": scorer.threshold, "val/unknown_rate": scorer.val_rate,
                         "test/unknown_rate": float(ctx.unknown_flags["test"].mean())})

@@ -84,7 +84,7 @@ def test_each_score_ranks_a_held_out_code_above_the_trained_ones(method):
 
 def test_relative_mahalanobis_is_the_class_distance_minus_the_background_distance():
     train, labels, val, head, new, _ = synthetic(seed=1)
-    arrays = unknown.gaussians(train, labels, pca_dim=8, shrinkage=0.0)
+    arrays = unknown.gaussians(train, labels, pca_dim=8, shrinkage=0.0, normalize="l2")
     x = unknown._l2(new[:3]).astype(np.float64)
     xn = unknown._l2(train).astype(np.float64)
     basis = np.linalg.svd(xn - xn.mean(0), full_matrices=False)[2][:8].T
@@ -95,6 +95,27 @@ def test_relative_mahalanobis_is_the_class_distance_minus_the_background_distanc
     bg = (z @ np.linalg.inv(np.cov(zt.T, bias=True)) * z).sum(1)
     scorer = unknown.UnknownScorer("rmd", 0.0, arrays)
     assert np.allclose(scorer.rmd(new[:3]), cls - bg, rtol=1e-3, atol=1e-3)
+
+
+def test_a_refit_scorer_learns_validation_but_keeps_the_reference_threshold(tmp_path):
+    """make train's refit: the shipped Gaussians learn the validation photos, from a later photo collection (all
+    shifted alike), while the threshold and the validation reference come from the fit that never saw them. Later
+    photos of trained codes are then flagged less, a held-out code's photos still caught."""
+    train, labels, val, head, new, known = synthetic(seed=1)
+    shift = np.random.default_rng(101).normal(size=train.shape[1]) * 1.5
+    val, new, known = val + shift, new + shift, known + shift
+    val_labels = np.repeat(np.arange(len(head)), 8)
+    plain = unknown.fit(train, labels, val, val @ head.T, 1.0, "rmd", 0.10, pca_dim=16, normalize="none")
+    refit = unknown.fit(train, labels, val, val @ head.T, 1.0, "rmd", 0.10, pca_dim=16, val_labels=val_labels,
+                        normalize="none")
+    assert refit.threshold == plain.threshold and np.array_equal(refit.reference["score"], plain.reference["score"])
+    assert refit.arrays["bank"].shape[0] == len(train) + len(val)
+    flagged = {n: s.decide(s.score(known, known @ head.T)).mean() for n, s in (("plain", plain), ("refit", refit))}
+    assert flagged["refit"] < flagged["plain"], flagged
+    assert refit.decide(refit.score(new, new @ head.T)).mean() > 0.9
+    refit.save(tmp_path)
+    back = unknown.UnknownScorer.load(tmp_path, refit.meta())
+    assert back.normalize == "none" and np.allclose(back.score(new, new @ head.T), refit.score(new, new @ head.T))
 
 
 def test_fused_score_is_the_mean_of_validation_quantiles():
