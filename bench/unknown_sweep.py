@@ -29,7 +29,7 @@ from hsflow import stages, unknown  # noqa: E402
 from safety_eval import REPORT, choice_codes  # noqa: E402
 
 
-def features(overrides: list[str]) -> tuple[dict, dict, list[str], object]:
+def features(overrides: list[str]) -> tuple[dict, dict, list[str], object, object]:
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("train", overrides=["experiment=recommended", *overrides])
     ctx = stages.RunContext(cfg)
@@ -37,7 +37,7 @@ def features(overrides: list[str]) -> tuple[dict, dict, list[str], object]:
         stage(ctx)
     feats = stages.cached_features(ctx)
     samples = {sp: ctx.spec.split(sp) for sp in ("train", "val", "test")}
-    return feats, samples, ctx.spec.classes, cfg
+    return feats, samples, ctx.spec.classes, cfg, ctx
 
 
 def train_head(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int = 20, seed: int = 42) -> torch.nn.Module:
@@ -156,7 +156,7 @@ def one_setting(feats, samples, classes, held: set[str], known: str, refit: bool
 
 def main() -> None:
     overrides = [a for a in sys.argv[1:] if not a.startswith('--')]
-    feats, samples, classes, cfg = features(overrides)
+    feats, samples, classes, cfg, _ = features(overrides)
     refit = "--no-refit" not in sys.argv
     choice = set(choice_codes(Path(cfg.paths.raw_store)))
     result = {"overrides": overrides, "refit": refit,

@@ -37,6 +37,11 @@ def ece(probs, labels, n_bins: int = 15) -> float:
     return float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=n_bins))
 
 
+# The review threshold when validation vouches for none: above every probability (a float32 softmax can round to
+# 1.0 exactly, and a threshold of 1.0 would let those answers out unflagged).
+NOTHING = 1.000001
+
+
 def unflagged(top_probability, threshold: float, unknown=None):
     """The review rule, the one place it is written: an answer goes out unflagged when its top calibrated probability
     reaches the review threshold (`>=`) and the photo is not unknown. Works on a float or an array (numpy or torch)
@@ -76,12 +81,12 @@ def _ranked(probs, labels, eligible=None):
 
 def review_threshold(probs, labels, target_precision: float, eligible=None) -> float:
     """The lowest top-probability threshold whose accepted suggestions reach `target_precision` on validation;
-    below it a suggestion is flagged needs_review. 1.0 when no threshold reaches the target."""
+    below it a suggestion is flagged needs_review. NOTHING when no threshold reaches the target."""
     _, conf, correct = _ranked(probs, labels, eligible)
     precision = np.cumsum(correct) / np.arange(1, len(correct) + 1)
     ok = np.nonzero(precision >= target_precision)[0]
     if len(ok) == 0:
-        return 1.0
+        return NOTHING
     # The lowest confidence among the accepted prefix: unflagged(conf, threshold) then accepts exactly that prefix
     # (and any tie with its last member).
     return float(conf[ok.max()])
@@ -104,9 +109,9 @@ def review_threshold_bound(probs, labels, target_precision: float, delta: float 
     could pass at all (ln delta / ln target of them: 45 at 0.95 and delta 0.1), a point read from the confidences
     alone, not from which answers are right. `groups` (the photos' rulings) counts each ruling once, at its share of
     right answers: photos of one ruling are near-copies, not independent trials. `eligible`: the photos that may be
-    answered at all (not unknown). 1.0 when none passes."""
+    answered at all (not unknown). NOTHING when none passes."""
     order, confs, right = _ranked(probs, labels, eligible)
-    best = 1.0
+    best = NOTHING
     n_min = math.ceil(math.log(delta) / math.log(target_precision))
     for i, c in enumerate(confs):
         if i + 1 < len(confs) and confs[i + 1] == c:

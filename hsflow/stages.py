@@ -354,8 +354,14 @@ def review(ctx: RunContext) -> None:
     eligible = None if flags is None or len(flags) != len(probs) else ~flags
     ctx.calibration["review_threshold"] = calibration.fit_review_threshold(
         probs, ctx.labels("val"), cfg.calibration, [s.rrdc_no for s in ctx.spec.split("val")], eligible)
-    ctx.calibration["review_method"] = str(cfg.calibration.get("method", "point"))
+    method = ctx.calibration["review_method"] = str(cfg.calibration.get("method", "point"))
     mlflow.log_metric("val/review_threshold", ctx.calibration["review_threshold"])
+    if ctx.calibration["review_threshold"] >= calibration.NOTHING:
+        bound = "" if method == "point" else f" at {1 - float(cfg.calibration.get('delta', 0.1)):.0%} confidence"
+        print(f"warning: the {len(probs)} validation photos cannot vouch for unflagged answers right >= "
+              f"{float(cfg.calibration.target_precision)}{bound} (calibration.method={method}): every answer of this "
+              "model is flagged needs_review. More later rulings (make refresh) raise what validation can vouch for; "
+              "docs/unknown.md", file=sys.stderr, flush=True)
     ctx.clock.mark("review")
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from hsflow.calibration import ece, fit_temperature, review_threshold
+from hsflow.calibration import NOTHING, ece, fit_temperature, review_threshold
 
 
 def test_temperature_undoes_overconfidence():
@@ -25,7 +25,7 @@ def test_review_threshold_reaches_target_precision():
     labels = torch.tensor([0, 0, 0, 1, 0])  # the 0.6 one is wrong
     assert review_threshold(probs, labels, 1.0) == pytest.approx(0.7)
     assert review_threshold(probs, labels, 0.8) == pytest.approx(0.55)
-    assert review_threshold(torch.tensor([[0.9, 0.1]]), torch.tensor([1]), 0.95) == 1.0
+    assert review_threshold(torch.tensor([[0.9, 0.1]]), torch.tensor([1]), 0.95) == NOTHING
 
 
 def _confident(n_right: int, n_wrong_below: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +51,7 @@ def test_bound_threshold_needs_enough_right_answers_where_the_point_estimate_doe
     # 20 right answers: precision 1.0 (point estimate accepts all) but 0.1**(1/20) = 0.89 < 0.95: nothing passes
     probs, labels = _confident(20)
     assert review_threshold(probs, labels, 0.95) == pytest.approx(float(probs[-1, 0]))
-    assert review_threshold_bound(probs, labels, 0.95, 0.1) == 1.0
+    assert review_threshold_bound(probs, labels, 0.95, 0.1) == NOTHING
     # 60 right answers: 0.1**(1/45) >= 0.95, so the bound passes from the 45th photo on and accepts all 60
     probs, labels = _confident(60)
     assert review_threshold_bound(probs, labels, 0.95, 0.1) == pytest.approx(float(probs[-1, 0]))
@@ -66,7 +66,7 @@ def test_fixed_sequence_stops_at_the_first_failure_and_the_plain_bound_does_not(
     probs = torch.stack([conf, 1 - conf], 1)
     labels = torch.zeros(800, dtype=torch.long)
     labels[:8] = 1
-    assert review_threshold_bound(probs, labels, 0.95, 0.1, sequential=True) == 1.0
+    assert review_threshold_bound(probs, labels, 0.95, 0.1, sequential=True) == NOTHING
     assert review_threshold_bound(probs, labels, 0.95, 0.1, sequential=False) == pytest.approx(0.51)
 
 
@@ -77,7 +77,7 @@ def test_rulings_count_once_so_near_copies_do_not_buy_confidence():
     by_photo = review_threshold_bound(probs, labels, 0.95, 0.1)
     six_rulings = [f"r{i // 10}" for i in range(60)]  # 60 right photos but only 6 rulings
     assert by_photo < 1.0
-    assert review_threshold_bound(probs, labels, 0.95, 0.1, groups=six_rulings) == 1.0
+    assert review_threshold_bound(probs, labels, 0.95, 0.1, groups=six_rulings) == NOTHING
 
 
 def test_the_configured_method_picks_the_threshold_a_run_stores():
@@ -114,6 +114,6 @@ def test_the_review_threshold_is_fitted_on_the_photos_not_called_unknown():
     probs = torch.tensor([[0.99, 0.01], [0.98, 0.02]] + [[0.9 - 0.01 * i, 0.1 + 0.01 * i] for i in range(8)])
     labels = torch.tensor([1, 1] + [0] * 8)
     cal = {"method": "point", "target_precision": 0.95}
-    assert fit_review_threshold(probs, labels, cal) == 1.0  # counted, the wrong pair sinks every threshold
+    assert fit_review_threshold(probs, labels, cal) == NOTHING  # counted, the wrong pair sinks every threshold
     eligible = np.array([False, False] + [True] * 8)
     assert fit_review_threshold(probs, labels, cal, eligible=eligible) == pytest.approx(0.83)
