@@ -5,7 +5,8 @@ For each runtime (HSFLOW_RUNTIME=torch: the saved network in torch; onnx: networ
 default) it starts `python -m hsflow.serve` (mlflow models serve, one worker) on a free port, times the cold start
 (process start to the first /ping answered, then to the first answer), sends `--requests` one-photo requests one
 after another (client-to-answer latency p50/p95 at concurrency 1), then `--concurrent` clients sending
-`--per-client` one-photo requests each at once (requests/s at that concurrency), and stops the server. Photos are
+`--per-client` one-photo requests each at once (requests/s at that concurrency), and stops the server; `onnx:2`
+runs two server processes (`--workers 2`, each ONNX Runtime session on half the cores). Photos are
 demo photos as base64, `top_k` 3. Writes bench/serve_latency.json and prints a table (docs/benchmarks.md).
 """
 from __future__ import annotations
@@ -48,10 +49,11 @@ def ask(url: str, data: bytes) -> float:
     return time.perf_counter() - started
 
 
-def start(model: str, runtime: str, port: int, log) -> tuple[subprocess.Popen, float]:
+def start(model: str, runtime: str, port: int, log, workers: int = 1) -> tuple[subprocess.Popen, float]:
     env = {**os.environ, "HSFLOW_RUNTIME": runtime}
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "hsflow.serve", "--model", model, "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "hsflow.serve", "--model", model, "--port", str(port),
+                             "--workers", str(workers)], cwd=ROOT,
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     while True:
         try:
@@ -69,12 +71,14 @@ def quantile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-def measure(model: str, runtime: str, photos: list[Path], requests: int, concurrent: int, per_client: int) -> dict:
+def measure(model: str, spec: str, photos: list[Path], requests: int, concurrent: int, per_client: int) -> dict:
+    runtime, _, workers = spec.partition(":")  # onnx:2 = two server processes (make serve --workers 2)
+    workers = int(workers or 1)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     bodies = [body(p) for p in photos]
     with tempfile.TemporaryFile("w+") as log:
-        proc, ready_s = start(model, runtime, port, log)
+        proc, ready_s = start(model, runtime, port, log, workers)
         try:
             first_s = ready_s + ask(url, bodies[0])
             ask(url, bodies[1])  # warm
@@ -87,7 +91,7 @@ def measure(model: str, runtime: str, photos: list[Path], requests: int, concurr
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
-    return {"runtime": runtime, "cold_start_ready_s": round(ready_s, 2), "cold_start_first_answer_s": round(first_s, 2),
+    return {"runtime": runtime, "workers": workers, "cold_start_ready_s": round(ready_s, 2), "cold_start_first_answer_s": round(first_s, 2),
             "p50_ms": round(1000 * quantile(one, 0.5), 1), "p95_ms": round(1000 * quantile(one, 0.95), 1),
             "requests_c1": requests, f"req_per_s_c{concurrent}": round(len(jobs) / wall, 2),
             "requests_concurrent": len(jobs), "concurrency": concurrent}
@@ -99,7 +103,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--concurrent", type=int, default=6)
     ap.add_argument("--per-client", type=int, default=8)
-    ap.add_argument("--runtimes", default="torch,onnx")
+    ap.add_argument("--runtimes", default="torch,onnx,onnx:2",
+                    help="runtime[:server processes], comma-separated (onnx:2 = make serve ARGS='--workers 2')")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "serve_latency.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))

@@ -26,6 +26,7 @@ import numpy as np
 OPSET = 17          # the ONNX opset every export states (TorchScript exporter; ONNX Runtime >= 1.14 runs it)
 TOLERANCE = 1e-4    # max |ONNX Runtime - torch| accepted on pooled features (measured ~1e-5: docs/benchmarks.md)
 RUNTIMES = ("onnx", "torch")
+THREADS_ENV = "HSFLOW_ORT_THREADS"  # intra-op threads of every session this process opens (default: ORT's own)
 ENV = "HSFLOW_RUNTIME"  # the doors' switch (recommend, make serve, make review): HSFLOW_RUNTIME=torch answers in torch
 INPUT = "input"
 _warned: set[str] = set()
@@ -59,6 +60,7 @@ def load_session(path: str | Path, threads: int | None = None):
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = threads or os.environ.get(THREADS_ENV)  # make serve --workers N: cores / N each, not N x cores
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.log_severity_level = 3  # errors only: stderr is for hsflow's own lines
