@@ -121,7 +121,7 @@ class HSModel:
         """The seam every answer goes through: preprocessed photos (N, 3, H, W float32) -> (logits, pooled
         embeddings), float32 numpy. ONNX Runtime answers on a CPU when the folder carries network.onnx (and runtime
         is onnx); torch otherwise, converting here and nowhere else."""
-        if self._through_onnx(device):
+        if self.through_onnx(device):
             out = self.onnx.run(x)
             return out["logits"], out["embedding"]
         import torch
@@ -142,7 +142,8 @@ class HSModel:
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True), emb, logits
 
-    def _through_onnx(self, device: str) -> bool:
+    def through_onnx(self, device: str) -> bool:
+        """Whether ONNX Runtime answers on `device` (else torch, which then needs the network placed there)."""
         return self.onnx is not None and (self.runtime == "onnx" or self.net is None) and str(device) == "cpu"
 
     def logits_and_embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +151,7 @@ class HSModel:
         `forward_arrays` (torch callers: training's figures, tests, the bench)."""
         import torch
 
-        if self._through_onnx(x.device.type):
+        if self.through_onnx(x.device.type):
             out = self.onnx.run(x.float().numpy())
             return torch.from_numpy(out["logits"]), torch.from_numpy(out["embedding"])
         with torch.inference_mode():

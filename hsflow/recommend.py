@@ -246,7 +246,9 @@ def predict(model: HSModel, photos: list[PhotoInput | Path], *, batch_size: int 
     score None for a model without a scorer."""
     photos = [p if isinstance(p, PhotoInput) else PhotoInput(str(p)) for p in photos]
     device = _device(device)
-    if model.net is not None:  # torch may answer (a GPU, HSFLOW_RUNTIME=torch): on `device`, as features.extract runs
+    # torch answers (a GPU, HSFLOW_RUNTIME=torch): on `device`, as features.extract runs. Not when ONNX Runtime does:
+    # walking the network's modules to place them cost ~30 ms a request in make serve.
+    if model.net is not None and not model.through_onnx(device):
         import torch
 
         model.net.to(device).eval().to(memory_format=torch.channels_last)
