@@ -71,30 +71,10 @@ def temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def rmd_scores(train, labels, queries: list[np.ndarray], norm: str, dim: int, shrink: float) -> list[np.ndarray]:
-    prep = {"l2": unknown._l2, "raw": lambda a: np.asarray(a, np.float32)}[norm]
-    arrays = unknown.gaussians(prep(train), labels, dim, shrink) if norm == "l2" else None
-    if norm == "raw":  # gaussians() normalises; undo it by scaling rows back (same centre/projection maths)
-        arrays = _gaussians_raw(prep(train), labels, dim, shrink)
-    scorer = unknown.UnknownScorer("rmd", 0.0, arrays)
-    return [scorer.rmd(prep(q)) if norm == "l2" else _rmd_raw(arrays, q) for q in queries]
-
-
-def _gaussians_raw(x, labels, dim, shrink):
-    saved = unknown._l2
-    unknown._l2 = lambda a: np.asarray(a, np.float32)
-    try:
-        return unknown.gaussians(x, labels, dim, shrink)
-    finally:
-        unknown._l2 = saved
-
-
-def _rmd_raw(arrays, q):
-    saved = unknown._l2
-    unknown._l2 = lambda a: np.asarray(a, np.float32)
-    try:
-        return unknown.UnknownScorer("rmd", 0.0, arrays).rmd(q)
-    finally:
-        unknown._l2 = saved
+    normalize = {"l2": "l2", "raw": "none"}[norm]
+    scorer = unknown.UnknownScorer("rmd", 0.0, unknown.gaussians(train, labels, dim, shrink, normalize),
+                                   normalize=normalize)
+    return [scorer.rmd(q) for q in queries]
 
 
 def one_setting(feats, samples, classes, held: set[str], known: str, refit: bool) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 from hsflow import registry
 from hsflow.config import default_tracking_uri
 from hsflow.registry import EXPERIMENT, default_model_uri, latest_model_uri  # noqa: F401 - the doors' one rule
+from hsflow.runtime import THREADS_ENV
 
 DEFAULT_PORT = 5001    # `make ui` has 5000
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if args.workers > 1:  # each worker process runs its own ONNX Runtime session: share the cores, not multiply them
-        env.setdefault("HSFLOW_ORT_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
+        env.setdefault(THREADS_ENV, str(max(1, (os.cpu_count() or 1) // args.workers)))
     if served_as:
         config = json.loads(os.environ.get("SERVING_MODEL_CONFIG") or "{}")
         env["SERVING_MODEL_CONFIG"] = json.dumps({**config, "served_as": served_as})

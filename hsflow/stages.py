@@ -314,13 +314,12 @@ def unknown_score(ctx: RunContext) -> None:
     if not cfg.unknown.enabled:
         return
     train_samples, train = split_embeddings(ctx, "train")
-    _, val = split_embeddings(ctx, "val")
+    val_samples, val = split_embeddings(ctx, "val")
     if not len(val):
         print(f"warning: dataset {ctx.spec.name}: no validation photos, so no unknown threshold can be fitted; the "
               "model is saved without an unknown score", file=sys.stderr, flush=True)
         return
     val_logits = originals(ctx, "val", ctx.val_logits)
-    val_samples = ctx.spec.split("val", originals_only=True)
     u = cfg.unknown
     scorer = unknown.fit(train.numpy(), [s.label for s in train_samples], val.numpy(), val_logits.numpy(),
                          ctx.calibration["temperature"], str(u.get("method", unknown.DEFAULT_METHOD)),

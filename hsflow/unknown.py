@@ -121,6 +121,10 @@ class UnknownScorer:
             out["knn"] = self.knn(emb)
         if "proj" in self.arrays:
             out["rmd"] = self.rmd(emb)
+        return self.fuse(out)
+
+    def fuse(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`out` (component -> scores) with every fused score its parts and validation quantiles allow."""
         for name, parts in FUSED.items():
             if all(f"val_{p}" in self.arrays for p in parts) and all(p in out for p in parts):
                 out[name] = np.mean([quantile(self.arrays[f"val_{p}"], out[p]) for p in parts], axis=0)
@@ -232,11 +236,11 @@ def fit(train_emb, train_labels, val_emb, val_logits, temperature: float = 1.0, 
 
     ref = UnknownScorer(method, 0.0, arrays_of(train_emb, train_labels), float(temperature), int(k), 0.0,
                         float(max_rate), normalize)
-    comps = ref.components(val_emb, val_logits)
-    val_sorted = {f"val_{n}": np.sort(v).astype(np.float32) for n, v in comps.items() if n not in FUSED}
+    comps = ref.components(val_emb, val_logits)  # no validation quantiles yet: no fused scores
+    val_sorted = {f"val_{n}": np.sort(v).astype(np.float32) for n, v in comps.items()}
     ref.arrays.update(val_sorted)
-    comps = ref.components(val_emb, val_logits)  # now with the fused ones
-    val = ref.score(val_emb, val_logits)
+    comps = ref.fuse(comps)
+    val = comps[method].astype(np.float32)
     ref.threshold = fit_threshold(val, max_rate)
     ref.val_rate = float(ref.decide(val).mean())
     ref.reference = {**comps, "score": val}

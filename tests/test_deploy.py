@@ -62,12 +62,7 @@ def test_the_logged_model_answers_from_an_environment_without_the_checkout(tiny_
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait(f"http://127.0.0.1:{port}/ping", proc, log)
-        photo = sorted((tiny_run["store"] / "photos").glob("*.jpg"))[0]
-        body = {"dataframe_split": {"columns": ["image", "name"],
-                                    "data": [[base64.b64encode(photo.read_bytes()).decode(), photo.name]]}}
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(req, timeout=120).read())["predictions"][0]
+        photo, answer = _ask(port, tiny_run["store"])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
@@ -78,6 +73,16 @@ def test_the_logged_model_answers_from_an_environment_without_the_checkout(tiny_
     here = as_json(recommend(load_model(str(model)), [photo], 5, device="cpu", num_workers=0)[0])
     assert [c["hs_code"] for c in answer["candidates"]] == [c["hs_code"] for c in here["candidates"]]
     assert [c["probability"] for c in answer["candidates"]] == [c["probability"] for c in here["candidates"]]
+
+
+def _ask(port: int, store: Path) -> tuple[Path, dict]:
+    """One photo of the tiny store, as base64, to the model server on `port`: (the photo, its answer)."""
+    photo = sorted((store / "photos").glob("*.jpg"))[0]
+    body = {"dataframe_split": {"columns": ["image", "name"],
+                                "data": [[base64.b64encode(photo.read_bytes()).decode(), photo.name]]}}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    return photo, json.loads(urllib.request.urlopen(req, timeout=120).read())["predictions"][0]
 
 
 def _wait(url: str, proc: subprocess.Popen, log, timeout: float = 180) -> None:
@@ -120,12 +125,7 @@ def test_the_model_builds_its_own_environment_without_torch_and_answers(tiny_run
     try:
         _wait(f"http://127.0.0.1:{port}/ping", proc, log, timeout=600)
         ready = time.time() - started
-        photo = sorted((tiny_run["store"] / "photos").glob("*.jpg"))[0]
-        body = {"dataframe_split": {"columns": ["image", "name"],
-                                    "data": [[base64.b64encode(photo.read_bytes()).decode(), photo.name]]}}
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(req, timeout=120).read())["predictions"][0]
+        photo, answer = _ask(port, tiny_run["store"])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
