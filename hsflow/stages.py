@@ -124,6 +124,8 @@ def setup(ctx: RunContext) -> None:
     cfg = ctx.cfg
     if cfg.features not in ("cached", "naive"):
         raise ValueError(f"features={cfg.features!r}: choose cached or naive")
+    if cfg.unknown.get("normalize", unknown.NORMALIZE) not in ("l2", "none"):  # before minutes of work, not after
+        raise ValueError(f"unknown.normalize={cfg.unknown.normalize!r}: choose l2 or none")
     if int(cfg.refit.val_weight) < 1:
         raise ValueError(f"refit.val_weight={cfg.refit.val_weight!r}: give 1 or more (times a validation photo counts)")
     ctx.device = device_of(cfg)

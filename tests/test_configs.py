@@ -88,6 +88,7 @@ def test_every_trainer_instantiates(name):
     (["model=efficientnet_lite1", "model.concat=[resnet50]"], "only EfficientNet-Lite backbones can be joined"),
     (["features=magic"], "features='magic'"),
     (["num_workers=-2"], "num_workers=-2"),
+    (["unknown.normalize=cosine"], "unknown.normalize='cosine'"),
     (["dataset.split.by=ruling", "dataset.split.train=0.9"], "sum to 1"),
     (["dataset.split.by=month"], "split.by"),
     (["dataset.split.cuts=[2018-01-01,2030-01-01]"], "leave the test period empty"),
