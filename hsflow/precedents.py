@@ -45,12 +45,17 @@ class PrecedentIndex:
     def __len__(self) -> int:
         return len(self.photo_file)
 
-    def nearest(self, emb, k: int | None = None) -> list[list[dict]]:
+    def similarities(self, emb) -> np.ndarray:
+        """Cosine similarity of each embedding of a batch to every indexed photo (one pass over the index: a served
+        answer reads it for its precedents and for nearest_label, so it is computed once)."""
+        return normalize(as_array(emb)) @ self._matrix.T
+
+    def nearest(self, emb, k: int | None = None, sims: np.ndarray | None = None) -> list[list[dict]]:
         """The k most similar rulings for each embedding of a batch (each ruling once, by its closest photo)."""
         k = self.k if k is None else k
         if k <= 0 or not len(self):
             return [[] for _ in range(len(emb))]
-        sims = normalize(as_array(emb)) @ self._matrix.T
+        sims = self.similarities(emb) if sims is None else sims
         out = []
         for row in sims:
             order = np.argsort(-row, kind="stable").tolist()
@@ -65,9 +70,9 @@ class PrecedentIndex:
             out.append(list(found.values()))
         return out
 
-    def nearest_label(self, emb) -> list[str]:
+    def nearest_label(self, emb, sims: np.ndarray | None = None) -> list[str]:
         """The class of the single most similar training photo, per embedding (the precedent top-1 measure)."""
-        best = (normalize(as_array(emb)) @ self._matrix.T).argmax(1).tolist()
+        best = (self.similarities(emb) if sims is None else sims).argmax(1).tolist()
         return [self.rulings[self.photo_ruling[i]]["label"] for i in best]
 
     def thumbnail(self, file: str) -> bytes | None:
