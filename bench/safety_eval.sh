@@ -3,6 +3,7 @@
 # the collection-shift window), each unknown score's AUROC, the trade-off table, the promise on 2019 and on 2018:
 #   bash bench/safety_eval.sh                                  # the default model, experiment=recommended
 #   bash bench/safety_eval.sh --runs FULL CHOICE REPORT SHIFT  # re-read four runs
+#   bash bench/safety_eval.sh experiment=recommended seed=43 --out bench/safety_results_seed43.json  # another seed
 # Runs go to the MLflow experiment "safety-eval"; figures to bench/safety_results.json; docs/unknown.md reads them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
