@@ -7,8 +7,10 @@
     c. decode    photos/s of the input pipeline alone (decode with JPEG draft + preprocess, DataLoader workers)
     d. crawl     crawler rulings/s against the local portal stand-in with throttling off
     e. runtimes  photos/s of the frozen prefixes (Lite0, Lite1, Lite2, make train's joined Lite1 + Lite0) at batch 1
-                 and 32 in torch eager, torch channels-last, ONNX Runtime and OpenVINO (when installed), interleaved
-                 in one process; each one's share of the machine's peak FLOP/s and its largest difference from eager
+                 and 32 in torch eager, torch channels-last, ONNX Runtime, OpenVINO (when installed) and, with
+                 --compile, torch.compile (inductor; a minute or more of compiling per prefix and batch size, not
+                 counted), interleaved in one process; each one's share of the machine's peak FLOP/s and its
+                 largest difference from eager
 
 Printed as a table and written to bench/results.json. Runs on CPU here and on the GPU where there is one.
 Training runs go to the MLflow experiment `bench` in a temporary store (the project's store stays clean).
@@ -175,8 +177,9 @@ def gflop_per_photo(prefix: torch.nn.Module, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def _engines(prefix: torch.nn.Module, size: int, tmp: Path) -> dict:
-    """name -> function of a float32 NCHW batch; every engine of this machine, the runtime's export done once."""
+def _engines(prefix: torch.nn.Module, size: int, tmp: Path, compiled: bool = False) -> dict:
+    """name -> function of a float32 NCHW batch; every engine of this machine, the runtime's export done once;
+    `compiled` adds torch.compile's (inductor: it compiles at its first call, in _photos_per_s's warm-up)."""
     import copy
 
     from hsflow import runtime as rt
@@ -188,6 +191,8 @@ def _engines(prefix: torch.nn.Module, size: int, tmp: Path) -> dict:
                      ["features"])
     ort = rt.OnnxNetwork(path, torch.get_num_threads())
     engines["onnxruntime"] = lambda x: torch.from_numpy(ort.run(x.numpy())["features"])
+    if compiled:  # a fresh graph per batch size: dynamic=False, as a server with a fixed batch would run it
+        engines["torch.compile"] = torch.compile(copy.deepcopy(prefix).eval(), dynamic=False)
     try:
         import openvino as ov
     except ImportError:
@@ -214,7 +219,7 @@ def _photos_per_s(engines: dict, x: torch.Tensor, batch: int, rounds: int) -> tu
     return {name: sorted(v)[len(v) // 2] for name, v in speed.items()}, diff
 
 
-def bench_runtimes(batches=(1, 32), rounds: int = 3) -> dict:
+def bench_runtimes(batches=(1, 32), rounds: int = 3, compiled: bool = False) -> dict:
     from hsflow.models.backbones import build_backbone, split_backbone
 
     peak, rows = machine_peak(), []
@@ -225,7 +230,7 @@ def bench_runtimes(batches=(1, 32), rounds: int = 3) -> dict:
             bbs = [build_backbone(n) for n in names]
             prefix = split_backbone(bbs[0], 0, "bench", bbs[1:]).prefix.eval()
             x = _batch(photos, size)
-            gflop, engines = gflop_per_photo(prefix, size), _engines(prefix, size, Path(tmp))
+            gflop, engines = gflop_per_photo(prefix, size), _engines(prefix, size, Path(tmp), compiled)
             for batch in batches:
                 speed, diff = _photos_per_s(engines, x, batch, rounds)
                 rows += [{"prefix": label, "size": size, "batch": batch, "engine": name,
@@ -284,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                     else ROOT_DIR / "data" / "demo", help="what the crawler benchmark crawls")
     ap.add_argument("--only", default="cache,recommend,crawl,runtimes", help="comma-separated subset")
     ap.add_argument("--out", type=Path, default=ROOT_DIR / "bench" / "results.json")
+    ap.add_argument("--compile", action="store_true",
+                    help="runtimes: add torch.compile (inductor) beside eager and ONNX Runtime (minutes of compiling)")
     args = ap.parse_args(argv)
     parts = set(args.only.split(","))
     results: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else
@@ -300,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         print("[crawl] ...", file=sys.stderr)
         results |= bench_crawl(args.archive)
     if "runtimes" in parts:
-        results |= bench_runtimes()
+        results |= bench_runtimes(compiled=args.compile)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     args.out.write_text(json.dumps(previous | results, indent=1) + "\n")  # a partial run keeps older figures
