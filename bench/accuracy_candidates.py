@@ -61,7 +61,7 @@ def read(head0, final, f, samples, keep, orig, ys, vm, vx, vy, sx, sy, hx, tta: 
     v_lg = logits_of(head0, vx, tta)
     t = temperature(torch.as_tensor(v_lg), torch.as_tensor(vy))
     gx, gy = f["train"][tom].numpy(), ys("train", tom)
-    ref = unknown.UnknownScorer("rmd", 0.0, unknown.gaussians(gx, gy, 1024, 0.1, "l2"))
+    ref = unknown.UnknownScorer("rmd", 0.0, unknown.gaussians(gx, gy))  # hsflow's defaults
     msp = unknown.UnknownScorer("msp", 0.0, {}, t)
     v_rmd, v_msp = ref.rmd(vx[:, 0].numpy()), msp.msp(v_lg)
     q = lambda r, a: unknown.quantile(np.sort(r), a)  # noqa: E731
@@ -126,7 +126,8 @@ def summary(rows: dict, seeds: list[int]) -> list[str]:
         diff = evaluation.paired_difference(a, b, full[seeds[0]]["rulings_2018"]) if key != "lite1+lite0" else None
         d = "-" if diff is None else f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"
         lines.append(f"| {key} | {mean(full, 'top1_2018'):.3f} | {d} | {mean(choice, 'held_unflagged'):.3f} | "
-                     f"{mean(full, 'top1_2019'):.3f} | {mean(full, 'top3_2019'):.3f} | {mean(full, 'coverage_2019'):.2f} |")
+                     f"{mean(full, 'top1_2019'):.3f} | {mean(full, 'top3_2019'):.3f} | "
+                     f"{mean(full, 'coverage_2019'):.2f} |")
     return lines
 
 

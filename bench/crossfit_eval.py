@@ -34,7 +34,7 @@ CAL = {"method": "clopper_pearson", "delta": 0.2, "target_precision": 0.95}
 
 def scored(head, gauss_x, gauss_y, x):
     """rmd of x under Gaussians of (gauss_x, gauss_y), and the head's logits of x."""
-    g = unknown.UnknownScorer("rmd", 0.0, unknown.gaussians(gauss_x, gauss_y, 1024, 0.1, "l2"))
+    g = unknown.UnknownScorer("rmd", 0.0, unknown.gaussians(gauss_x, gauss_y))  # hsflow's defaults
     with torch.no_grad():
         lg = head(torch.as_tensor(x)).numpy()
     return g.rmd(x), lg
@@ -45,7 +45,8 @@ def run(feats, samples, classes, held: set[str], seed: int) -> dict:
     orig = lambda sp: np.array([s.view == 0 for s in samples[sp]])  # noqa: E731
     remap = {c: i for i, c in enumerate(c for c in classes if c not in held)}
     ys = lambda sp, m: np.array([remap[classes[s.label]] for s, k in zip(samples[sp], m) if k])  # noqa: E731
-    tm, tom, vm, sm = keep("train"), keep("train") & orig("train"), keep("val") & orig("val"), keep("test") & orig("test")
+    tm, tom = keep("train"), keep("train") & orig("train")
+    vm, sm = keep("val") & orig("val"), keep("test") & orig("test")
     tx, ty = feats["train"][tm], torch.as_tensor(ys("train", tm))
     gx, gy = feats["train"][tom].numpy(), ys("train", tom)
     vx, vy = feats["val"][vm].numpy(), ys("val", vm)
@@ -70,7 +71,7 @@ def run(feats, samples, classes, held: set[str], seed: int) -> dict:
         r, lg = scored(hh, np.concatenate([gx, vx[other]]), np.concatenate([gy, vy[other]]), vx[half == h])
         rmd_cf[half == h], lg_cf[half == h] = r, lg
     refs["crossfit"] = (rmd_cf, lg_cf)
-    fg = unknown.UnknownScorer("rmd", 0.0, unknown.gaussians(fgx, fgy, 1024, 0.1, "l2"))
+    fg = unknown.UnknownScorer("rmd", 0.0, unknown.gaussians(fgx, fgy))  # hsflow's defaults
     with torch.no_grad():
         s_lg, h_lg = final(torch.as_tensor(sx)).numpy(), final(torch.as_tensor(hx)).numpy()
     s_rmd, h_rmd = fg.rmd(sx), fg.rmd(hx)
@@ -80,22 +81,21 @@ def run(feats, samples, classes, held: set[str], seed: int) -> dict:
         v_msp = sm_.msp(v_lg)
         q = lambda ref, a: unknown.quantile(np.sort(ref), a)  # noqa: E731
         fuse = lambda r, lg: (q(v_rmd, r) + q(v_msp, sm_.msp(lg))) / 2  # noqa: E731
-        v_score = fuse(v_rmd, v_lg)
+        v_score, s_score, h_score = fuse(v_rmd, v_lg), fuse(s_rmd, s_lg), fuse(h_rmd, h_lg)
+        vp, sp_, hp = unknown.softmax(v_lg, t), unknown.softmax(s_lg, t), unknown.softmax(h_lg, t)
+        right = sp_.argmax(1) == sy
         for rate in (0.0, 0.1, 0.2):
             u = unknown.fit_threshold(v_score, rate) if rate else np.inf
-            vp = unknown.softmax(v_lg, t)
             for delta in (0.1, 0.2):
                 r = calibration.fit_review_threshold(vp, vy, {**CAL, "delta": delta}, None, v_score <= u)
-                sp_, hp = unknown.softmax(s_lg, t), unknown.softmax(h_lg, t)
-                ok = calibration.unflagged(sp_.max(1), r, fuse(s_rmd, s_lg) > u)
-                hok = calibration.unflagged(hp.max(1), r, fuse(h_rmd, h_lg) > u) if len(hx) else np.zeros(0, bool)
-                right = sp_.argmax(1) == sy
+                ok = calibration.unflagged(sp_.max(1), r, s_score > u)
+                hok = calibration.unflagged(hp.max(1), r, h_score > u) if len(hx) else np.zeros(0, bool)
                 vok = calibration.unflagged(vp.max(1), r, v_score > u)
                 out[f"{name}_u{rate}_d{delta}"] = {
                     "T": round(t, 3), "review": float(r), "val_cov": float(vok.mean()),
                     "val_prec": float((vp.argmax(1) == vy)[vok].mean()) if vok.any() else None,
                     "cov2019": float(ok.mean()), "prec2019": float(right[ok].mean()) if ok.any() else None,
-                    "unknown2019": float((fuse(s_rmd, s_lg) > u).mean()),
+                    "unknown2019": float((s_score > u).mean()),
                     "held_unflagged": float(hok.mean()) if len(hx) else None}
     out["top1_2019"] = float((s_lg.argmax(1) == sy).mean())
     return out

@@ -310,7 +310,7 @@ def _recommendation(image: str, probs: np.ndarray, emb: np.ndarray, model: HSMod
                          unknown_threshold=model.unknown.threshold if model.unknown else None)
     index = model.precedents
     if index is not None and n_precedents != 0:
-        sims = index.similarities(emb[None]) if len(index) else None
+        sims = index.similarities(emb[None])
         rec.precedents = index.nearest(emb[None], n_precedents, sims)[0]
         nearest = index.nearest_label(emb[None], sims)[0]  # the class the nearest ruling trained as
         rec.precedent_agrees = nearest == model.classes[int(probs.argmax())]
