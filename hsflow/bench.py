@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -191,7 +192,10 @@ def _engines(prefix: torch.nn.Module, size: int, tmp: Path, compiled: bool = Fal
                      ["features"])
     ort = rt.OnnxNetwork(path, torch.get_num_threads())
     engines["onnxruntime"] = lambda x: torch.from_numpy(ort.run(x.numpy())["features"])
-    if compiled:  # a fresh graph per batch size: dynamic=False, as a server with a fixed batch would run it
+    if compiled and not shutil.which(os.environ.get("CXX", "g++")):  # inductor builds C++ for the CPU
+        print(f"warning: --compile: no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH, so no torch.compile row; "
+              "apt-get install g++ (or set CXX)", file=sys.stderr, flush=True)
+    elif compiled:  # a fresh graph per batch size: dynamic=False, as a server with a fixed batch would run it
         engines["torch.compile"] = torch.compile(copy.deepcopy(prefix).eval(), dynamic=False)
     try:
         import openvino as ov
