@@ -107,20 +107,6 @@ def mixture_loss(m: Heads, xb, yb) -> torch.Tensor:
     return -torch.log_softmax(m.each(mixed), -1).mean(-1).mean()
 
 
-def bound_on_ranking(conf: np.ndarray, right: np.ndarray) -> float:
-    """calibration.review_threshold_bound's rule over any confidence: the lowest threshold whose accepted prefix
-    has a Clopper-Pearson lower bound >= the target (inf when none)."""
-    order = np.argsort(-conf, kind="stable")
-    c, hits = conf[order], np.cumsum(right[order])
-    n_min, best = math.ceil(math.log(CAL["delta"]) / math.log(CAL["target_precision"])), np.inf
-    for i in range(n_min - 1, len(c)):
-        if i + 1 < len(c) and c[i + 1] == c[i]:
-            continue
-        if calibration.precision_lower_bound(float(hits[i]), i + 1, CAL["delta"]) >= CAL["target_precision"]:
-            best = c[i]
-    return float(best)
-
-
 def arrays(feats, samples, classes, held: set[str]) -> dict:
     """Training (with copies), Gaussian training (originals), 2018, 2019 and held-out photos, labels remapped."""
     keep = {sp: np.array([classes[s.label] not in held for s in samples[sp]]) for sp in samples}
@@ -151,13 +137,11 @@ def answers(a: dict, seed: int, head: dict) -> dict:
     with torch.no_grad():
         lg = {"val": before(torch.as_tensor(vx)).numpy(), "test": final(torch.as_tensor(sx)).numpy(),
               "held": final(torch.as_tensor(hx)).numpy()}
-    ref = unknown.UnknownScorer("rmd", 0.0, unknown.gaussians(gx, gy))
-    shipped = unknown.UnknownScorer("rmd", 0.0, unknown.gaussians(np.concatenate([gx, vx]), np.concatenate([gy, vy])))
-    rmd = {"val": ref.rmd(vx), "test": shipped.rmd(sx), "held": shipped.rmd(hx)}
     t = temperature(torch.as_tensor(lg["val"]), torch.as_tensor(vy))
-    msp = unknown.UnknownScorer("msp", 0.0, {}, t)
-    ref_rmd, ref_msp = np.sort(rmd["val"]), np.sort(msp.msp(lg["val"]))
-    fused = {sp: (unknown.quantile(ref_rmd, rmd[sp]) + unknown.quantile(ref_msp, msp.msp(lg[sp]))) / 2 for sp in lg}
+    # make train's own fit: validation scored by Gaussians of the training photos, the shipped ones learn 2018 too
+    scorer = unknown.fit(gx, gy, vx, lg["val"], t, "rmd_msp", 0.10, val_labels=vy)
+    fused = {"val": scorer.reference["score"], "test": scorer.score(sx, lg["test"]),
+             "held": scorer.score(hx, lg["held"])}
     probs = {sp: unknown.softmax(v, t) for sp, v in lg.items()}
     return {"probs": probs, "fused": fused, "labels": {"val": vy, "test": sy}, "fit_s": fit_s}
 
@@ -184,7 +168,9 @@ def rules(ans: dict, names: list[str]) -> dict:
             out[f"all@{rate}"] = figures({sp: calibration.unflagged(p[sp].max(1), r_all, f[sp] > u)
                                           for sp in ("test", "held")}, u)
     if "fused_rank" in names:
-        thr = bound_on_ranking(-f["val"], right["val"])
+        order = np.argsort(f["val"], kind="stable")  # least unknown first: most confident
+        thr = calibration.bound_on_ranking(-f["val"][order], right["val"][order].astype(float),
+                                           CAL["target_precision"], CAL["delta"], sequential=False)
         out["fused_rank"] = figures({sp: -f[sp] >= thr for sp in ("test", "held")})
     return out
 

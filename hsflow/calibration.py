@@ -111,6 +111,15 @@ def review_threshold_bound(probs, labels, target_precision: float, delta: float 
     right answers: photos of one ruling are near-copies, not independent trials. `eligible`: the photos that may be
     answered at all (not unknown). NOTHING when none passes."""
     order, confs, right = _ranked(probs, labels, eligible)
+    return bound_on_ranking(confs, right, target_precision, delta, sequential,
+                            None if groups is None else [groups[int(i)] for i in order])
+
+
+def bound_on_ranking(confs, right, target_precision: float, delta: float = 0.1, sequential: bool = True,
+                     groups: list[str] | None = None) -> float:
+    """review_threshold_bound's rule over any confidence: `confs` sorted most confident first, `right` (1/0) and
+    `groups` (or None) in the same order. The lowest confidence whose accepted prefix passes the bound; NOTHING
+    when none does."""
     best = NOTHING
     n_min = math.ceil(math.log(delta) / math.log(target_precision))
     for i, c in enumerate(confs):
@@ -121,7 +130,7 @@ def review_threshold_bound(probs, labels, target_precision: float, delta: float 
         else:
             seen: dict = {}
             for j in range(i + 1):
-                seen.setdefault(groups[int(order[j])], []).append(right[j])
+                seen.setdefault(groups[j], []).append(right[j])
             n = len(seen)
             k = sum(sum(v) / len(v) for v in seen.values())
         if n < n_min:
