@@ -37,7 +37,7 @@ test-fast: install        ## while editing: the in-process unit tests only (no t
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 bench: install            ## speed figures side by side -> bench/results.json
-	$(PY) -m hsflow.bench $(ARGS)
+	$(PY) bench/speed.py $(ARGS)
 
 bench-scale: install      ## 3,000 codes / ~26,000 photos, stage by stage -> bench/scale_3000.json (ARGS="955 42": demo size)
 	bash bench/scale.sh $(ARGS)

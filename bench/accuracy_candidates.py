@@ -24,7 +24,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hsflow import calibration, evaluation, unknown  # noqa: E402
+from hsflow.models import calibration, unknown  # noqa: E402
+
+from hsflow.training import evaluation
 from safety_eval import REPORT, choice_codes  # noqa: E402
 from unknown_sweep import features, temperature, train_head  # noqa: E402
 

@@ -36,8 +36,10 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from torch.utils.data import ConcatDataset, TensorDataset  # noqa: E402
 
-from hsflow import calibration, evaluation, stages  # noqa: E402
-from hsflow.config import CONF_DIR, default_tracking_uri  # noqa: E402
+from hsflow.models import calibration  # noqa: E402
+
+from hsflow.training import evaluation, stages
+from hsflow.core.config import CONF_DIR, default_tracking_uri  # noqa: E402
 
 EXPERIMENT = "features-search"
 FT1 = ["model.unfreeze=1", "finetune.bn=frozen", "finetune.warmup_epochs=1", "finetune.train_crop=4"]
@@ -262,12 +264,12 @@ def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
 
 
 def unknown_figures(cfg, module, dm, spec, net) -> dict:
-    """The configured unknown score (unknown.method, hsflow.unknown) on this model's embeddings and logits, threshold
+    """The configured unknown score (unknown.method, hsflow.models.unknown) on this model's embeddings and logits, threshold
     at unknown.max_val_rate of validation, review threshold by calibration.method on the rest; AUROC and FPR at 95 % TPR of held-out-code photos (positives)
     against 2019 photos of trained codes; and the share of held-out photos neither unknown nor needs_review."""
-    from hsflow import unknown
+    from hsflow.models import unknown
     from hsflow.data.transforms import build_preprocess, preprocess_spec
-    from hsflow.features import FeatureCache, extract
+    from hsflow.data.features import FeatureCache, extract
 
     originals = torch.tensor([s.view == 0 for s in spec.split("train")])
     emb = {sp: stages.embed(module, dm.splits[sp].tensors[0]) for sp in ("train", "val", "test")}

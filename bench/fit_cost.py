@@ -28,10 +28,10 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from hsflow.config import CONF_DIR  # noqa: E402
+from hsflow.core.config import CONF_DIR  # noqa: E402
 from hsflow.data.datamodule import HSDataModule  # noqa: E402
 from hsflow.models.classifier import HSClassifier, build_head  # noqa: E402
-from hsflow.timing import EpochTimer  # noqa: E402
+from hsflow.core.timing import EpochTimer  # noqa: E402
 
 HEADS = {  # name -> config overrides
     "make train (hidden 512, AdamW fused)": ["experiment=recommended"],

@@ -21,7 +21,7 @@ import torch
 
 
 def _no_omegaconf():
-    """hsflow.features imports hsflow.data.builder, which names omegaconf types in annotations only. Lightning is
+    """hsflow.data.features imports hsflow.data.builder, which names omegaconf types in annotations only. Lightning is
     imported first, so it sees no omegaconf rather than the stub."""
     import pytorch_lightning  # noqa: F401
 
@@ -59,7 +59,7 @@ def head_fit(classes: int, n_train: int, precision: str, strategy: str, epochs: 
 
     from hsflow.data.datamodule import HSDataModule
     from hsflow.models.classifier import HSClassifier, build_head
-    from hsflow.timing import EpochTimer
+    from hsflow.core.timing import EpochTimer
 
     g = torch.Generator().manual_seed(0)
 

@@ -28,7 +28,9 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from hsflow import evaluation, runtime as rt  # noqa: E402
+from hsflow.training import evaluation  # noqa: E402
+
+from hsflow.core import runtime as rt
 from hsflow.data.loading import PhotoDataset  # noqa: E402
 from hsflow.data.transforms import build_preprocess  # noqa: E402
 from unknown_sweep import features, train_head  # noqa: E402

@@ -1,7 +1,7 @@
 """Forward speed of the frozen prefixes make train can cache, on this machine: `.venv/bin/python bench/join_speed.py`.
 
 Lite1 alone, Lite1 + Lite0 joined (`model.concat`, make train's default) and Lite0 alone, all on a 240 px batch of 32 in
-channels-last, as hsflow.features runs them; photos/s over 3 batches after one warm-up batch (CPU threads: all cores).
+channels-last, as hsflow.data.features runs them; photos/s over 3 batches after one warm-up batch (CPU threads: all cores).
 """
 import os
 import sys

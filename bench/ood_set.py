@@ -73,7 +73,7 @@ MATPLOTLIB = [
 
 def save(img: Image.Image, name: str) -> str:
     img = img.convert("RGBA") if img.mode in ("P", "LA") else img
-    if img.mode == "RGBA":  # transparency on white, as hsflow.images does
+    if img.mode == "RGBA":  # transparency on white, as hsflow.core.images does
         bg = Image.new("RGB", img.size, "white")
         bg.paste(img, mask=img.getchannel("A"))
         img = bg

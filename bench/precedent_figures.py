@@ -9,8 +9,8 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from hsflow import recommend as R
-from hsflow.config import default_tracking_uri
+from hsflow.serving import recommend as R
+from hsflow.core.config import default_tracking_uri
 
 run_id = sys.argv[1]
 client = MlflowClient(default_tracking_uri())

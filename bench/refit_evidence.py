@@ -20,8 +20,8 @@ import mlflow  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from hsflow import stages  # noqa: E402
-from hsflow.config import CONF_DIR  # noqa: E402
+from hsflow.training import stages  # noqa: E402
+from hsflow.core.config import CONF_DIR  # noqa: E402
 from hsflow.models.classifier import build_head  # noqa: E402
 
 WEIGHTS = (1, 5)

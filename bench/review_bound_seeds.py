@@ -24,7 +24,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 
-from hsflow import calibration  # noqa: E402
+from hsflow.models import calibration  # noqa: E402
 
 
 def validation_answers(seed: int, out: Path) -> Path:
@@ -32,7 +32,7 @@ def validation_answers(seed: int, out: Path) -> Path:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from hsflow import stages as s
+    from hsflow.training import stages as s
 
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("train", overrides=["experiment=recommended", f"seed={seed}",

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from hsflow.config import default_tracking_uri  # noqa: E402
-from hsflow.store import RawStore  # noqa: E402
+from hsflow.core.config import default_tracking_uri  # noqa: E402
+from hsflow.data.store import RawStore  # noqa: E402
 from unknown_eval import train  # noqa: E402  (bench/: the same CLI training, last line parsed)
 
 REPORT = ["0403200000", "0714200000", "0810500000", "0910110000", "2009710000", "2106900000", "2202990000"]
@@ -55,7 +55,7 @@ def choice_codes(store: Path) -> list[str]:
 
 def shift_store(store: Path, folder: Path) -> Path:
     """The store as it stood at the end of 2018 (no 2019 ruling): the shift window's test period is 2018."""
-    from hsflow.periods import store_until
+    from hsflow.lifecycle.periods import store_until
 
     view = folder / "store_before_2019-01-01"
     return view if view.exists() else Path(store_until(RawStore(store), "2019-01-01", folder))

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hsflow import calibration, unknown  # noqa: E402
+from hsflow.models import calibration, unknown  # noqa: E402
 from safety_eval import REPORT, choice_codes  # noqa: E402
 from unknown_sweep import features, temperature  # noqa: E402
 

@@ -24,7 +24,7 @@ stage() {  # stage NAME CMD...: /usr/bin/time's wall s, peak RSS KiB, user s, sy
   /usr/bin/time -f '%e %M %U %S' -o "$WORK/$name.time" "$@" > "$WORK/$name.out" 2> "$WORK/$name.err" \
     || { echo "stage $name failed:" >&2; tail -20 "$WORK/$name.err" >&2; exit 1; }
 }
-stage generate $PY -m hsflow.synth "$WORK/archive" --rulings "$N" --codes "$M" --seed 0
+stage generate $PY -m hsflow.data.synth "$WORK/archive" --rulings "$N" --codes "$M" --seed 0
 stage import $PY -m hsflow.store import-archive "$WORK/archive" "$WORK/store"
 stage info $PY -m hsflow.store info "$WORK/store"
 TRAIN_ARGS=(experiment=recommended dataset.train_views=0 model.input_size=64 model.resize_size=64 trainer.max_epochs=3)

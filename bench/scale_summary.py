@@ -15,7 +15,7 @@ def t(name):
 
 
 def train(name, timings):
-    """One training process: its own stages (hsflow.timing) and the fit's cost per training photo and epoch."""
+    """One training process: its own stages (hsflow.core.timing) and the fit's cost per training photo and epoch."""
     stages = json.loads((work / timings).read_text())["stages"]
     err = (work / f"{name}.err").read_text().splitlines()
     fit = next(s for s in stages if s["stage"] == "fit")

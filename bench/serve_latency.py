@@ -99,7 +99,7 @@ def measure(model: str, spec: str, photos: list[Path], requests: int, concurrent
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="default: what make serve serves (hsflow.registry.default_model_uri)")
+    ap.add_argument("--model", default=None, help="default: what make serve serves (hsflow.serving.registry.default_model_uri)")
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--concurrent", type=int, default=6)
     ap.add_argument("--per-client", type=int, default=8)
@@ -108,7 +108,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "serve_latency.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from hsflow.registry import default_model_uri
+    from hsflow.serving.registry import default_model_uri
 
     model = args.model or default_model_uri()
     photos = sorted((ROOT / "data" / "demo" / "photos").glob("*.jpg"))[::97][:16]

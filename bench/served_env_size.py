@@ -4,7 +4,7 @@ For a list of requirements, the dependency closure (each distribution's `Require
 extras) as installed in this environment, and the bytes of every file each distribution installed (its RECORD).
 Three lists: what a model logged before issue 26 asked for (torch, torchvision, efficientnet_lite_pytorch, pillow
 and `hsflow @ file://<checkout>`, i.e. every hsflow dependency), what a model with network.onnx asks for now
-(hsflow.tracking.SERVED_PACKAGES, no torch; hsflow's code ships inside the model), and what a model whose ONNX
+(hsflow.training.tracking.SERVED_PACKAGES, no torch; hsflow's code ships inside the model), and what a model whose ONNX
 export failed asks for (the same + torch). mlflow is in all three (the scoring server).
 Writes bench/served_env_size.json.
 """
@@ -44,7 +44,7 @@ def closure(names: list[str]) -> dict[str, int]:
 
 
 def main() -> int:
-    from hsflow.tracking import SERVED_PACKAGES, TORCH_PACKAGES
+    from hsflow.training.tracking import SERVED_PACKAGES, TORCH_PACKAGES
 
     hsflow_deps = [Requirement(r).name for r in metadata.distribution("hsflow").requires or []
                    if "extra ==" not in r]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from hsflow.tracking import VIEW_ID, experiment_tags
+from hsflow.training.tracking import VIEW_ID, experiment_tags
 
 ML = "workflowType=machine_learning"  # MLflow 3.17's UI picks GenAI or Model training per browser, not per experiment
 

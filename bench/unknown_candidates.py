@@ -3,7 +3,7 @@
     python bench/unknown_candidates.py FULL_RUN_ID HELDOUT_RUN_ID [--tracking-uri URI]
 
 Candidates: cosine distance to the k-th nearest training photo in the backbone's pooled features (what
-hsflow.unknown ships) or in the head's hidden layer, energy (-logsumexp of the logits, raw and at the model's
+hsflow.models.unknown ships) or in the head's hidden layer, energy (-logsumexp of the logits, raw and at the model's
 temperature), max-logit, maximum softmax probability, and z-scored sums/maxima of pairs. Each threshold calls 5 % of
 the run's validation photos unknown; the rates are then read on the test rulings (full run), on every photo of the
 held-out codes and on data/ood (held-out run). Features come from the feature cache (the run's own backbone).
@@ -25,13 +25,13 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.nn.functional import normalize  # noqa: E402
 
-from hsflow import recommend as R  # noqa: E402
-from hsflow import unknown  # noqa: E402
-from hsflow.config import default_tracking_uri  # noqa: E402
+from hsflow.serving import recommend as R  # noqa: E402
+from hsflow.models import unknown  # noqa: E402
+from hsflow.core.config import default_tracking_uri  # noqa: E402
 from hsflow.data.builder import build_dataset  # noqa: E402
 from hsflow.data.transforms import build_preprocess, spec_id  # noqa: E402
-from hsflow.features import FeatureCache, extract  # noqa: E402
-from hsflow.images import open_rgb  # noqa: E402
+from hsflow.data.features import FeatureCache, extract  # noqa: E402
+from hsflow.core.images import open_rgb  # noqa: E402
 from hsflow.models.backbones import build_backbone, split_backbone  # noqa: E402
 
 

@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from hsflow import recommend as R  # noqa: E402
-from hsflow.config import default_tracking_uri  # noqa: E402
-from hsflow.store import RawStore  # noqa: E402
+from hsflow.serving import recommend as R  # noqa: E402
+from hsflow.core.config import default_tracking_uri  # noqa: E402
+from hsflow.data.store import RawStore  # noqa: E402
 
 TARGETS = {"ood": 0.90, "heldout": 0.80, "test": 0.10}  # issue 12: >= 90 %, >= 80 %, <= 10 %
 

@@ -25,7 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from hsflow import stages, unknown  # noqa: E402
+from hsflow.training import stages  # noqa: E402
+
+from hsflow.models import unknown
 from safety_eval import REPORT, choice_codes  # noqa: E402
 
 

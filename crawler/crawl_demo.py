@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from hsflow.store import RawStore
+from hsflow.data.store import RawStore
 
 from .runner import FAST, crawl
 from .standin import serve

@@ -7,10 +7,10 @@ import torch
 from conftest import tiny_overrides, train_cli
 from hsflow.data.builder import Sample
 from hsflow.data.transforms import preprocess_spec, spec_id
-from hsflow.features import item_key
-from hsflow.images import open_rgb
+from hsflow.data.features import item_key
+from hsflow.core.images import open_rgb
 from hsflow.models.backbones import build_backbone, split_backbone
-from hsflow.bundle import load_model
+from hsflow.models.bundle import load_model
 from test_configs import compose_cfg
 
 

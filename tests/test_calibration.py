@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from hsflow.calibration import NOTHING, ece, fit_temperature, review_threshold
+from hsflow.models.calibration import NOTHING, ece, fit_temperature, review_threshold
 
 
 def test_temperature_undoes_overconfidence():
@@ -38,7 +38,7 @@ def _confident(n_right: int, n_wrong_below: int = 0) -> tuple[torch.Tensor, torc
 
 
 def test_clopper_pearson_lower_bound_matches_the_closed_form_when_all_are_right():
-    from hsflow.calibration import precision_lower_bound
+    from hsflow.models.calibration import precision_lower_bound
 
     # k = n: the one-sided lower bound is delta ** (1 / n)
     assert precision_lower_bound(30, 30, 0.1) == pytest.approx(0.1 ** (1 / 30))
@@ -46,7 +46,7 @@ def test_clopper_pearson_lower_bound_matches_the_closed_form_when_all_are_right(
 
 
 def test_bound_threshold_needs_enough_right_answers_where_the_point_estimate_does_not():
-    from hsflow.calibration import review_threshold_bound
+    from hsflow.models.calibration import review_threshold_bound
 
     # 20 right answers: precision 1.0 (point estimate accepts all) but 0.1**(1/20) = 0.89 < 0.95: nothing passes
     probs, labels = _confident(20)
@@ -58,7 +58,7 @@ def test_bound_threshold_needs_enough_right_answers_where_the_point_estimate_doe
 
 
 def test_fixed_sequence_stops_at_the_first_failure_and_the_plain_bound_does_not():
-    from hsflow.calibration import review_threshold_bound
+    from hsflow.models.calibration import review_threshold_bound
 
     # 8 wrong answers among the first 50 (fails where testing starts), then many right ones: the plain bound
     # passes again much lower down, the fixed sequence has stopped
@@ -71,7 +71,7 @@ def test_fixed_sequence_stops_at_the_first_failure_and_the_plain_bound_does_not(
 
 
 def test_rulings_count_once_so_near_copies_do_not_buy_confidence():
-    from hsflow.calibration import review_threshold_bound
+    from hsflow.models.calibration import review_threshold_bound
 
     probs, labels = _confident(60)
     by_photo = review_threshold_bound(probs, labels, 0.95, 0.1)
@@ -83,7 +83,7 @@ def test_rulings_count_once_so_near_copies_do_not_buy_confidence():
 def test_the_configured_method_picks_the_threshold_a_run_stores():
     from omegaconf import OmegaConf
 
-    from hsflow.calibration import fit_review_threshold, review_threshold_bound
+    from hsflow.models.calibration import fit_review_threshold, review_threshold_bound
 
     probs, labels = _confident(60, 5)
     cal = OmegaConf.create({"target_precision": 0.95, "method": "point", "delta": 0.1, "by_ruling": False})
@@ -97,7 +97,7 @@ def test_the_configured_method_picks_the_threshold_a_run_stores():
 
 
 def test_three_outcomes_from_one_rule():
-    from hsflow.calibration import outcome, unflagged
+    from hsflow.models.calibration import outcome, unflagged
 
     assert outcome(0.99, 0.9) == "answer" and outcome(0.5, 0.9) == "needs_review"
     assert outcome(0.99, 0.9, unknown=True) == "unknown"  # an unknown photo is never answered, however confident
@@ -108,7 +108,7 @@ def test_three_outcomes_from_one_rule():
 
 
 def test_the_review_threshold_is_fitted_on_the_photos_not_called_unknown():
-    from hsflow.calibration import fit_review_threshold
+    from hsflow.models.calibration import fit_review_threshold
 
     # The two most confident answers are wrong but called unknown: they never go out, so they cost no precision.
     probs = torch.tensor([[0.99, 0.01], [0.98, 0.02]] + [[0.9 - 0.01 * i, 0.1 + 0.01 * i] for i in range(8)])

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from conftest import PY, ROOT
-from hsflow.config import CONF_DIR
+from hsflow.core.config import CONF_DIR
 from hsflow.models.backbones import build_backbone, check_join, split_backbone
 
 GROUPS = ["dataset", "model", "optimizer", "trainer", "logger", "paths", "experiment"]

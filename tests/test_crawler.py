@@ -26,7 +26,7 @@ from crawler.clip.parsing import PortalError, parse_detail, parse_list, strip_em
 from crawler.clip.spiders.clip_rulings import halves, unsafe_src, year_ranges
 from crawler.runner import FAST, HERE, crawl, crawl_command, env
 from crawler.standin import bomb_png, detail_fragment, list_item, load, serve
-from hsflow.store import RawStore
+from hsflow.data.store import RawStore
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = Path(__file__).parents[1].parent / "shared" / "demo-portal"
@@ -299,7 +299,7 @@ def test_hostile_data_refused_logged_counted_and_crawl_goes_on(tmp_path):
 
 
 def test_bomb_is_small_on_disk_and_huge_decoded():
-    from hsflow.images import PhotoError, open_rgb
+    from hsflow.core.images import PhotoError, open_rgb
 
     data = bomb_png()
     assert len(data) < 100_000

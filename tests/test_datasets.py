@@ -10,7 +10,7 @@ from PIL import Image, ImageFilter
 from conftest import DEMO, make_tiny_store
 from hsflow.data.builder import build_dataset, spec_summary
 from hsflow.data.quality import near_duplicate_clusters, photo_stats
-from hsflow.store import RawStore
+from hsflow.data.store import RawStore
 from test_configs import compose_cfg
 
 TOP5 = ["0401200000", "0403200000", "0702000000", "0709600000", "0808100000"]

@@ -44,8 +44,8 @@ def test_the_logged_model_answers_from_an_environment_without_the_checkout(tiny_
     model = Path(mlflow.artifacts.download_artifacts(f"runs:/{tiny_run['run_id']}/model", dst_path=str(tmp_path)))
     requirements = (model / "requirements.txt").read_text()
     assert "file://" not in requirements and "onnxruntime==" in requirements
-    assert (model / "code" / "hsflow" / "recommend.py").is_file()
-    assert (model / "code" / "hsflow" / "nomenclature").is_dir()
+    assert (model / "code" / "hsflow" / "serving" / "recommend.py").is_file()
+    assert (model / "code" / "hsflow" / "core" / "nomenclature").is_dir()
 
     away = tmp_path / "elsewhere"
     away.mkdir()
@@ -67,8 +67,8 @@ def test_the_logged_model_answers_from_an_environment_without_the_checkout(tiny_
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     assert answer["error"] is None and answer["image"] == photo.name and answer["candidates"]
-    from hsflow.bundle import load_model
-    from hsflow.recommend import as_json, recommend
+    from hsflow.models.bundle import load_model
+    from hsflow.serving.recommend import as_json, recommend
 
     here = as_json(recommend(load_model(str(model)), [photo], 5, device="cpu", num_workers=0)[0])
     assert [c["hs_code"] for c in answer["candidates"]] == [c["hs_code"] for c in here["candidates"]]

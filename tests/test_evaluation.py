@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import tiny_overrides, train_cli
-from hsflow.evaluation import ruling_interval, period_figures
+from hsflow.training.evaluation import ruling_interval, period_figures
 
 
 def test_interval_is_a_point_without_variation_and_covers_the_estimate():
@@ -81,7 +81,7 @@ def test_choices_never_read_the_test_period(tiny_store, session_cache, tmp_path)
 
 
 def test_paired_difference_is_zero_for_the_same_model_and_positive_when_better_on_every_ruling():
-    from hsflow.evaluation import paired_difference
+    from hsflow.training.evaluation import paired_difference
 
     rulings = [f"r{i // 3}" for i in range(60)]
     a = [1, 1, 0] * 20

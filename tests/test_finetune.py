@@ -10,11 +10,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from hsflow import stages
-from hsflow.config import CONF_DIR
-from hsflow.images import open_rgb
+from hsflow.training import stages
+from hsflow.core.config import CONF_DIR
+from hsflow.core.images import open_rgb
 from hsflow.models.classifier import MarginHead, build_head, head_spec, warmup_cosine
-from hsflow.bundle import HSModel
+from hsflow.models.bundle import HSModel
 from hsflow.models.network import assemble
 
 

@@ -62,6 +62,6 @@ def test_training_logs_to_a_tracking_server(mlflow_server, tiny_store, session_c
     assert {"plots/curves.png", "plots/confusion_matrix.png"} <= {a.path for a in client.list_artifacts(run_id,
                                                                                                           "plots")}
     mlflow.set_tracking_uri(mlflow_server)
-    from hsflow.bundle import load_model
+    from hsflow.models.bundle import load_model
 
     assert load_model(f"runs:/{run_id}/model").classes == ["0401200000", "0808100000", "2009120000"]

@@ -1,4 +1,4 @@
-"""The frozen networks through ONNX Runtime on the CPU (hsflow/runtime.py): the same features as torch within
+"""The frozen networks through ONNX Runtime on the CPU (hsflow/core/runtime.py): the same features as torch within
 runtime.TOLERANCE, the same test top-1, the export cached and keyed like the feature cache, and one warning line
 (then torch) when the runtime cannot be used."""
 import sys
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hsflow import runtime as rt
+from hsflow.core import runtime as rt
 from hsflow.data.transforms import build_preprocess, spec_id
-from hsflow.images import open_rgb
+from hsflow.core.images import open_rgb
 from hsflow.models.backbones import build_backbone, split_backbone
 
 SPEC = {"size": 224, "resize": 256, "mean": [0.5] * 3, "std": [0.5] * 3}
@@ -45,7 +45,7 @@ def test_top1_through_the_runtime_equals_torch(tiny_run):
     photo of the tiny store (test split included)."""
     import mlflow
 
-    from hsflow.bundle import load_model
+    from hsflow.models.bundle import load_model
 
     mlflow.set_tracking_uri(tiny_run["tracking_uri"])
     model = load_model(f"runs:/{tiny_run['run_id']}/model")
@@ -86,8 +86,8 @@ def test_saved_model_answers_through_the_runtime_as_torch_does(tiny_run, tmp_pat
     with the codes, probabilities, flags and precedents the torch path gives, and a corrupt photo is one error."""
     import mlflow
 
-    from hsflow.bundle import ONNX, load_model
-    from hsflow.recommend import as_json, recommend
+    from hsflow.models.bundle import ONNX, load_model
+    from hsflow.serving.recommend import as_json, recommend
 
     mlflow.set_tracking_uri(tiny_run["tracking_uri"])
     model = load_model(f"runs:/{tiny_run['run_id']}/model")
@@ -109,12 +109,12 @@ def test_saved_model_answers_through_the_runtime_as_torch_does(tiny_run, tmp_pat
 
 
 def test_numpy_preprocessing_equals_torchvision(tiny_store):
-    """The torch-free input path (hsflow.images.preprocess_array) gives torchvision's numbers to the bit, for the
+    """The torch-free input path (hsflow.core.images.preprocess_array) gives torchvision's numbers to the bit, for the
     Lite configs' sizes and photos of every orientation."""
     import numpy as np
     from PIL import Image
 
-    from hsflow.images import preprocess_array
+    from hsflow.core.images import preprocess_array
 
     photos = [open_rgb(p, draft_size=256) for p in sorted((tiny_store / "photos").glob("*.jpg"))[:4]]
     photos += [Image.new("RGB", (300, 500), (10, 200, 30)), photos[0].rotate(90, expand=True).resize((611, 257))]
@@ -152,12 +152,12 @@ def test_the_saved_network_answers_without_torch(tiny_run, tmp_path):
     import json
     import subprocess
 
-    from hsflow.bundle import load_model
+    from hsflow.models.bundle import load_model
 
     folder = _model_folder(tiny_run, tmp_path, unknown=False)
     photo = sorted((tiny_run["store"] / "photos").glob("*.jpg"))[1]
     script = NO_TORCH + (
-        "import json; from hsflow.bundle import HSModel; from hsflow.images import open_rgb\n"
+        "import json; from hsflow.models.bundle import HSModel; from hsflow.core.images import open_rgb\n"
         f"m = HSModel.load({str(folder)!r}); assert m.net is None\n"
         f"x = m.preprocess_array(open_rgb({str(photo)!r}, draft_size=m.meta['preprocess']['resize']))[None]\n"
         "p, e, _ = m.answer_arrays(x)\n"
@@ -182,12 +182,12 @@ def test_recommend_answers_without_torch_as_with_it(tiny_run, tmp_path):
     import json
     import subprocess
 
-    from hsflow.bundle import load_model
-    from hsflow.recommend import as_json, recommend
+    from hsflow.models.bundle import load_model
+    from hsflow.serving.recommend import as_json, recommend
 
     folder = _model_folder(tiny_run, tmp_path)
     photos = [str(p) for p in sorted((tiny_run["store"] / "photos").glob("*.jpg"))[1:4]]
-    script = NO_TORCH + ("import json; from hsflow.recommend import as_json, recommend\n"
+    script = NO_TORCH + ("import json; from hsflow.serving.recommend import as_json, recommend\n"
                          f"print(json.dumps([as_json(r) for r in recommend({str(folder)!r}, {photos!r}, 3)]))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""hsflow.recommend and hsflow.hs: the JSON schema and the table, the hierarchy roll-up, catch-all classes,
+"""hsflow.recommend and hsflow.core.hs: the JSON schema and the table, the hierarchy roll-up, catch-all classes,
 --group-by folder, a batch of bad files, top-1 equal to training's test top-1, and safe model loading."""
 import copy
 import csv
@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import PY, ROOT
-from hsflow import config, hs
-from hsflow import recommend as R
-from hsflow.bundle import HSModel
+from hsflow.core import config, hs
+from hsflow.serving import recommend as R
+from hsflow.models.bundle import HSModel
 
 CANDIDATE_KEYS = {"hs_code", "probability", "description", "heading", "chapter", "nearest_only"}
 

@@ -27,8 +27,9 @@ from conftest import PY, ROOT, Server, free_port, make_tiny_store
 from test_review import browser, needs_chromium, upload  # noqa: F401 - the real browser fixture, shared
 from crawler.runner import FAST, crawl
 from crawler.standin import serve
-from hsflow import decision, periods, refresh, registry
-from hsflow.store import RawStore
+from hsflow.lifecycle import decision, periods, refresh
+from hsflow.serving import registry
+from hsflow.data.store import RawStore
 
 # 4 codes of 3 chapters with 2 rulings in each of 2017 (validation of the first refresh), 2018 and 2019: ~120 photos.
 CODES = {"0808100000": 10, "0401200000": 10, "2009120000": 10, "0709600000": 10}
@@ -169,7 +170,7 @@ def test_second_crawl_fetches_only_the_2019_rulings(world, second):
 
 def window_top1(version: str, world: dict, year: str, monkeypatch) -> tuple[float, int]:
     """A model's top-1 on the window's photos, recomputed here through hsflow.recommend, apart from the refresh."""
-    from hsflow.recommend import load, recommend
+    from hsflow.serving.recommend import load, recommend
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", world["uri"])
     model = load(f"models:/hsflow/{version}")
@@ -320,7 +321,7 @@ def copied_registry(world, tmp_path) -> str:
 def prepare_with(world, uri: str, monkeypatch, *overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from hsflow.config import CONF_DIR
+    from hsflow.core.config import CONF_DIR
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

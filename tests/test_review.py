@@ -12,8 +12,8 @@ from unittest import mock
 import pytest
 
 from conftest import PY, Server, free_port
-from hsflow import hs
-from hsflow import recommend as R
+from hsflow.core import hs
+from hsflow.serving import recommend as R
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -118,7 +118,7 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
 
 
 def test_uploads_are_limited_in_size_count_and_type(page, tiny_run):
-    from hsflow.review import MAX_PHOTO_BYTES, MAX_PHOTOS
+    from hsflow.serving.review import MAX_PHOTO_BYTES, MAX_PHOTOS
 
     photo = sorted((tiny_run["store"] / "photos").glob("0401200000_*"))[0]
     data = base64.b64encode(photo.read_bytes()).decode()

@@ -18,11 +18,11 @@ import torchmetrics
 from conftest import PY, ROOT, tiny_overrides
 from hsflow.data.builder import build_dataset
 from hsflow.data.datamodule import HSDataModule
-from hsflow.metrics import TopK, band_of, band_top1, confusion_pairs
+from hsflow.models.metrics import TopK, band_of, band_top1, confusion_pairs
 from hsflow.models.classifier import HSClassifier, build_head
-from hsflow.store import import_archive
-from hsflow.synth import generate
-from hsflow.timing import peak_rss_mb
+from hsflow.data.store import import_archive
+from hsflow.data.synth import generate
+from hsflow.core.timing import peak_rss_mb
 from test_configs import compose_cfg
 
 
@@ -164,10 +164,10 @@ def test_rare_codes_go_to_the_chapter_catch_all_or_are_dropped_and_named(long_ta
 @pytest.mark.slow
 def test_a_failing_plot_does_not_lose_the_trained_run(tiny_store, session_cache, tmp_path, monkeypatch):
     """A plot that raises MemoryError (as the 3,000 x 3,000 matrix did): model and run_id line still come."""
-    code = ("import sys, hsflow.tracking as t\n"
+    code = ("import sys, hsflow.training.tracking as t\n"
             "def boom(*a, **k): raise MemoryError('Unable to allocate 72.0 MiB')\n"
             "t.log_chapter_confusion = boom\n"
-            "from hsflow.train import main\n"
+            "from hsflow.training.train import main\n"
             "sys.argv = ['hsflow.train'] + sys.argv[1:]\n"
             "main()\n")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -186,7 +186,7 @@ def test_a_failing_plot_does_not_lose_the_trained_run(tiny_store, session_cache,
     assert "plots/confused_pairs.png" in files and "plots/confusion_headings.png" in files
     assert "plots/confusion_chapters.png" not in files
     assert client.get_run(run_id).info.status == "FINISHED"
-    from hsflow.recommend import load  # resolves runs:/ against MLFLOW_TRACKING_URI whatever an earlier test set
+    from hsflow.serving.recommend import load  # resolves runs:/ against MLFLOW_TRACKING_URI whatever an earlier test set
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     assert load(f"runs:/{run_id}/model").classes == ["0401200000", "0808100000", "2009120000"]

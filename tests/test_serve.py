@@ -19,12 +19,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import PY, Server, free_port
-from hsflow import recommend as R
-from hsflow.bundle import HSModel
+from hsflow.serving import recommend as R
+from hsflow.models.bundle import HSModel
 from hsflow.models.network import build_network
-from hsflow.pyfunc import photo_bytes
-from hsflow.precedents import PrecedentIndex
-from hsflow.serve import latest_model_uri
+from hsflow.serving.pyfunc import photo_bytes
+from hsflow.models.precedents import PrecedentIndex
+from hsflow.serving.serve import latest_model_uri
 
 PRECEDENT_KEYS = {"rrdc_no", "date", "hs_code", "product", "reasoning", "photo", "similarity"}
 
@@ -196,9 +196,9 @@ def test_rest_answers_base64_photos_and_one_error_for_a_corrupt_one(rest, tiny_r
 
 
 def test_every_door_defaults_to_the_champion_else_the_latest_make_train_model(tiny_run, monkeypatch, capsys):
-    """One rule (hsflow.registry.default_model_uri) for the CLI, make serve and make review: right after
+    """One rule (hsflow.serving.registry.default_model_uri) for the CLI, make serve and make review: right after
     `make train`, with no champion yet, `python -m hsflow.recommend photo.jpg` answers with the latest model."""
-    from hsflow.registry import default_model_uri
+    from hsflow.serving.registry import default_model_uri
 
     latest = f"runs:/{tiny_run['run_id']}/model"
     assert default_model_uri(tracking_uri=tiny_run["tracking_uri"]) == latest

@@ -6,8 +6,10 @@ import torch
 
 from hydra import compose, initialize_config_dir
 
-from hsflow import calibration, evaluation, stages
-from hsflow.config import CONF_DIR
+from hsflow.models import calibration
+
+from hsflow.training import evaluation, stages
+from hsflow.core.config import CONF_DIR
 
 
 def compose_cfg(*overrides):

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from conftest import DEMO, PY, ROOT, SHARED
-from hsflow.store import RawStore, StoreError, import_archive, normalize_hs, photo_name
+from hsflow.data.store import RawStore, StoreError, import_archive, normalize_hs, photo_name
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -39,7 +39,7 @@ def test_write_ruling_is_atomic_and_complete(tmp_path):
 
 
 def test_write_photo_refuses_non_images(tmp_path):
-    from hsflow.images import PhotoError
+    from hsflow.core.images import PhotoError
 
     store = RawStore(tmp_path / "s", create=True)
     with pytest.raises(PhotoError, match="not an image"):

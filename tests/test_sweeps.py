@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import PY, ROOT, train_cli
-from hsflow import report
+from hsflow.team import report
 from test_configs import compose_cfg
 
 

@@ -25,7 +25,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from conftest import PY, ROOT, Server, free_port, make_tiny_store, tiny_overrides, train_cli
-from hsflow import registry, server
+from hsflow.serving import registry
+from hsflow.team import server
 from test_ddp import DDP
 from test_refresh import CODES, LATE, refresh_cli, last_fields
 from test_serve import b64, invoke
@@ -408,7 +409,7 @@ def test_push_copies_runs_models_and_versions_once_and_names_a_run_it_cannot_cop
         v = dst.get_model_version_by_alias("hsflow-pushed", "champion")
         assert v.run_id == run.info.run_id and v.tags["hsflow.window"] == "2018" and v.description == "pushed"
         assert dst.get_registered_model("hsflow-pushed").tags[registry.STACK_TAG] == str(v.version)
-        from hsflow.bundle import load_model
+        from hsflow.models.bundle import load_model
 
         with global_tracking_uri(team.url):
             assert load_model("models:/hsflow-pushed@champion").classes == ["0401200000", "0808100000",

@@ -12,9 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import tiny_overrides, train_cli
 from hsflow.data.builder import build_dataset
-from hsflow.images import open_rgb
+from hsflow.core.images import open_rgb
 from hsflow.models.backbones import WeightsMissing, _load_torchvision_state
-from hsflow.bundle import load_model
+from hsflow.models.bundle import load_model
 
 
 def test_last_line_is_run_id_and_test_top1(tiny_run):
@@ -42,7 +42,7 @@ def test_run_has_metrics_plots_config_and_fingerprint(tiny_run):
 
 def test_run_is_laid_out_for_the_mlflow_ui(tiny_run):
     """Model-training experiment with the accuracy view; grouped metric keys; counts as params; a description."""
-    from hsflow.tracking import VIEW_COLUMNS, VIEW_ID
+    from hsflow.training.tracking import VIEW_COLUMNS, VIEW_ID
 
     client = MlflowClient(tracking_uri=tiny_run["tracking_uri"])
     run = client.get_run(tiny_run["run_id"])
@@ -142,7 +142,7 @@ def test_the_headline_command_on_the_demo_fails_in_seconds_with_one_line(tmp_pat
 
 
 def test_ui_links_open_each_experiment_on_its_runs_in_the_accuracy_view(tiny_run):
-    from hsflow.ui import links
+    from hsflow.team.ui import links
 
     (line,) = [x for x in links(tiny_run["tracking_uri"], "http://127.0.0.1:5000") if "hsflow:" in x]
     assert re.search(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning"

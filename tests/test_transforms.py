@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from conftest import DEMO
 from hsflow.data.transforms import Augmenter, Mirror, build_preprocess
-from hsflow.images import open_rgb
+from hsflow.core.images import open_rgb
 
 AUG = OmegaConf.create([{"_target_": "albumentations.HorizontalFlip", "p": 0.5},
                         {"_target_": "albumentations.Affine", "rotate": [-20, 20], "p": 1.0}])
@@ -64,8 +64,8 @@ def test_online_augmentation_draws_afresh_each_read_and_repeats_with_the_seed():
 def test_online_augmentation_asks_for_photos_not_cached_features(tiny_store, session_cache, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from hsflow import stages
-    from hsflow.config import CONF_DIR
+    from hsflow.training import stages
+    from hsflow.core.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.raw_store={tiny_store}", f"paths.cache_dir={session_cache}",

@@ -15,10 +15,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import ROOT, tiny_overrides, train_cli
-from hsflow import recommend as R
-from hsflow import unknown
+from hsflow.serving import recommend as R
+from hsflow.models import unknown
 from hsflow.data.builder import build_dataset
-from hsflow.bundle import HSModel
+from hsflow.models.bundle import HSModel
 from test_configs import compose_cfg
 
 OOD = ROOT / "data" / "ood"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import lxml.html
 from lxml.etree import ParserError
 
-from hsflow.store import HS_PATTERN
+from hsflow.data.store import HS_PATTERN
 
 EM = re.compile(r"</?em\b[^>]*>", re.I)
 BR = re.compile(r"<br\s*/?>", re.I)

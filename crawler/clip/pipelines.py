@@ -20,8 +20,8 @@ from scrapy.pipelines.files import FilesPipeline
 from scrapy.pipelines.media import FileException
 from scrapy.utils.asyncio import run_in_thread
 
-from hsflow.images import PhotoError
-from hsflow.store import RawStore, StoreError, ruling_record
+from hsflow.core.images import PhotoError
+from hsflow.data.store import RawStore, StoreError, ruling_record
 
 logger = logging.getLogger(__name__)
 # PhotoError reasons that no retry can cure; anything else ("cannot decode": e.g. a cut body) may be transient.

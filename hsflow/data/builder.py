@@ -26,8 +26,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from hsflow.data import quality
-from hsflow.images import PhotoError, open_rgb
-from hsflow.store import Photo, RawStore
+from hsflow.core.images import PhotoError, open_rgb
+from hsflow.data.store import Photo, RawStore
 
 SPLITS = ("train", "val", "test")
 
@@ -396,7 +396,7 @@ def _reason_kind(reason: str) -> str:
 
 def excluded_codes(cfg: DictConfig) -> set[str]:
     """dataset.exclude_codes: codes held out entirely (no photo in any split), e.g. to measure how a model meets
-    codes it has never seen (hsflow.unknown's leave-codes-out evaluation)."""
+    codes it has never seen (hsflow.models.unknown's leave-codes-out evaluation)."""
     codes = [str(c) for c in (cfg.get("exclude_codes") or [])]
     bad = [c for c in codes if not re.fullmatch(r"\d{10}", c)]
     if bad:

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hsflow.data.builder import Sample
-from hsflow.images import open_rgb
+from hsflow.core.images import open_rgb
 
 
 class PhotoDataset(Dataset):

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from hsflow.images import PhotoError, open_rgb
-from hsflow.store import Photo, atomic_write
+from hsflow.core.images import PhotoError, open_rgb
+from hsflow.data.store import Photo, atomic_write
 
 STATS_VERSION = 1
 STATS_SIDE = 256  # sharpness is scale-dependent: measure every photo at the same short side

@@ -60,8 +60,8 @@ class Augmenter:
 
     def view(self, path: str, sha256: str, view: int, draft_size: int | None = None) -> Image.Image:
         """Generated copy `view` of the photo at `path`: read if materialized, else made, stored and read."""
-        from hsflow.images import open_rgb
-        from hsflow.store import atomic_write
+        from hsflow.core.images import open_rgb
+        from hsflow.data.store import atomic_write
 
         target = self.dir / sha256[:2] / f"{sha256}_{view}.jpg" if self.dir else None
         if target is not None and target.is_file():
@@ -105,6 +105,6 @@ class Mirror:
         return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
     def view(self, path: str, sha256: str, view: int, draft_size: int | None = None) -> Image.Image:
-        from hsflow.images import open_rgb
+        from hsflow.core.images import open_rgb
 
         return self(open_rgb(path, draft_size=draft_size), sha256, view)

@@ -2,7 +2,7 @@
 
 Every backbone is returned as `stages` (stem, blocks..., last conv) plus a pooling step, so the same code can
 freeze all of it (the study's setting), unfreeze the last N stages, or unfreeze everything. The frozen prefix is
-what the feature cache stores (hsflow.features); the trainable suffix and the head are what training updates.
+what the feature cache stores (hsflow.data.features); the trainable suffix and the head are what training updates.
 
 Weights never download in the middle of a run: torchvision files are looked up in $TORCH_HOME/hub/checkpoints
 first and, when absent, fetched once before training starts or refused with one line (`WeightsMissing`).

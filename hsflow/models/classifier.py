@@ -1,5 +1,5 @@
 """The LightningModule: trainable backbone suffix + a new classification head, with metrics that stay
-linear in photos and classes (hsflow.metrics).
+linear in photos and classes (hsflow.models.metrics).
 
 Inputs are what the DataModule yields: cached prefix outputs (the fast path) or, when `prefix` is set, images
 (the naive path the study used: every epoch pays the full backbone forward). Both give the same function.
@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from hsflow.metrics import TopK
+from hsflow.models.metrics import TopK
 
 
 VAL_TOP1 = "curves/top1_val"  # what model choice and sweepers go by
@@ -105,7 +105,7 @@ def random_crop(x: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def _metrics(num_classes: int, prefix: str, postfix: str = "") -> TopK:
-    """top1, top3, macro_top1, macro_top3, macro_f1 from each photo's top-3 (hsflow.metrics: linear in photos and
+    """top1, top3, macro_top1, macro_top3, macro_f1 from each photo's top-3 (hsflow.models.metrics: linear in photos and
     classes; torchmetrics' stat scores need a batch x classes^2 tensor per step in deterministic mode)."""
     return TopK(num_classes, 3, prefix, postfix)
 

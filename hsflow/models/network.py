@@ -20,7 +20,7 @@ def build_network(meta: dict) -> nn.Sequential:
 
 
 class LogitsAndEmbedding(nn.Module):
-    """The saved network with both outputs every door reads (what hsflow.bundle exports to network.onnx)."""
+    """The saved network with both outputs every door reads (what hsflow.models.bundle exports to network.onnx)."""
 
     def __init__(self, net: nn.Sequential):
         super().__init__()

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 import scrapy
 from scrapy.settings import SETTINGS_PRIORITIES
 
-from hsflow.store import SAFE_NAME, RawStore, StoreError, normalize_hs, photo_name
+from hsflow.data.store import SAFE_NAME, RawStore, StoreError, normalize_hs, photo_name
 
 from ..items import RulingItem
 from ..parsing import FULL_ONLY, PortalError, parse_detail, parse_list

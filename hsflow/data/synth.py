@@ -1,4 +1,4 @@
-"""Synthetic portal-shaped archives at any scale: `python -m hsflow.synth OUT --rulings N --codes M [--seed S]`.
+"""Synthetic portal-shaped archives at any scale: `python -m hsflow.data.synth OUT --rulings N --codes M [--seed S]`.
 
 Writes OUT/rulings.jsonl + OUT/images/ in the shape of shared/demo-portal (the portal's field names, ENFR_DT spread
 over 2007-2019 so the default dated split has train, validation and test years), for `hsflow.store
@@ -25,7 +25,7 @@ SHAPES = ("ellipse", "rectangle", "triangle", "stripes", "ring", "cross")
 
 def pick_codes(m: int, rng: random.Random) -> list[str]:
     """m distinct 10-digit codes: real HS 6-digit subheadings with the national suffix 0000 (then 0001, ...)."""
-    from hsflow.hs import nomenclature
+    from hsflow.core.hs import nomenclature
 
     six = sorted(c for c in nomenclature() if len(c) == 6)
     codes = []
@@ -134,7 +134,7 @@ def generate(out: Path, n_rulings: int, n_codes: int, seed: int = 0, photo_size:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hsflow.synth", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m hsflow.data.synth", description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="folder to write rulings.jsonl and images/ into")
     ap.add_argument("--rulings", type=int, default=10_000)
     ap.add_argument("--codes", type=int, default=3_000)

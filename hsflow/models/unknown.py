@@ -22,7 +22,7 @@ averaged reach ~0.8 (docs/unknown.md, chosen on validation with codes held out t
 Everything here is numpy: the served model needs no torch. The scorer's arrays ship in the model folder
 (`unknown.npz`), its settings and threshold in meta.json under "unknown". The threshold is fitted on the validation
 split only (`fit_threshold`: at most `max_val_rate` of its photos called unknown). A photo above it is `unknown`: it
-is never answered unflagged, its candidates only the nearest trained codes (hsflow.calibration.outcome, the one rule).
+is never answered unflagged, its candidates only the nearest trained codes (hsflow.models.calibration.outcome, the one rule).
 """
 from __future__ import annotations
 
@@ -284,7 +284,7 @@ def separation(known: dict[str, np.ndarray], unknown: dict[str, np.ndarray]) -> 
 def heldout_photos(cfg) -> tuple[list, list]:
     """Every usable photo of the codes the dataset held out (dataset.exclude_codes), any period: (Samples, Photos)."""
     from hsflow.data.builder import Sample, excluded_codes, usable_photos
-    from hsflow.store import RawStore
+    from hsflow.data.store import RawStore
 
     codes = excluded_codes(cfg.dataset)
     if not codes:

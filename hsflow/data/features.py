@@ -16,10 +16,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from hsflow import runtime as rt
+from hsflow.core import runtime as rt
 from hsflow.data.builder import Sample
 from hsflow.data.loading import PhotoDataset, default_workers, worker_context
-from hsflow.store import atomic_write
+from hsflow.data.store import atomic_write
 
 
 def item_key(s: Sample, augment_id: str | None) -> str:
@@ -50,7 +50,7 @@ def extract(samples: list[Sample], prefix: torch.nn.Module, preprocess, cache: F
             draft_size: int | None = None, desc: str = "features", shard_every: int = 512,
             runtime: str = "onnx") -> torch.Tensor:
     """Features for `samples` (aligned), computing only what the cache lacks; the prefix runs on the engine
-    hsflow.runtime chooses (`runtime`: onnx = ONNX Runtime on a CPU, torch otherwise)."""
+    hsflow.core.runtime chooses (`runtime`: onnx = ONNX Runtime on a CPU, torch otherwise)."""
     aug_id = augmenter.id if augmenter else None
     keys = [item_key(s, aug_id) for s in samples]
     todo, seen = [], set()

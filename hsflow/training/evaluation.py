@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy.stats import bootstrap
 
-from hsflow.calibration import unflagged
+from hsflow.models.calibration import unflagged
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000

@@ -1,4 +1,4 @@
-"""`make bench` / `python -m hsflow.bench`: hsflow's speed figures measured side by side in one run.
+"""`make bench` / `python bench/speed.py`: hsflow's speed figures measured side by side in one run.
 
     a. cache     the naive loop (backbone forward every epoch, as the study trained) vs hsflow's cached loop:
                  same dataset, backbone, epochs and seed; wall-clock ratio and both test top-1
@@ -32,7 +32,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
-from hsflow.config import ROOT_DIR  # noqa: E402
+from hsflow.core.config import ROOT_DIR  # noqa: E402
 
 SHARED_ARCHIVE = ROOT_DIR.parent / "shared" / "demo-portal"
 
@@ -78,11 +78,11 @@ def _model(name: str):
     """A full network (frozen backbone + a head) as recommend serves it; the head's weights do not matter here."""
     from hydra import compose, initialize_config_dir
 
-    from hsflow.config import CONF_DIR
+    from hsflow.core.config import CONF_DIR
     from hsflow.data.transforms import preprocess_spec, spec_id
     from hsflow.models.backbones import build_backbone, split_backbone
     from hsflow.models.classifier import build_head
-    from hsflow.bundle import HSModel
+    from hsflow.models.bundle import HSModel
     from hsflow.models.network import assemble
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -96,9 +96,9 @@ def _model(name: str):
 
 
 def bench_recommend(model_name: str, n: int, batch_size: int) -> dict:
-    from hsflow import recommend as R
+    from hsflow.serving import recommend as R
     from hsflow.data.loading import PhotoDataset
-    from hsflow.images import open_rgb
+    from hsflow.core.images import open_rgb
 
     model = _model(model_name)
     files = _photos(n)
@@ -183,7 +183,7 @@ def _engines(prefix: torch.nn.Module, size: int, tmp: Path, compiled: bool = Fal
     `compiled` adds torch.compile's (inductor: it compiles at its first call, in _photos_per_s's warm-up)."""
     import copy
 
-    from hsflow import runtime as rt
+    from hsflow.core import runtime as rt
 
     eager, last = copy.deepcopy(prefix).eval(), copy.deepcopy(prefix).eval().to(memory_format=torch.channels_last)
     engines = {"torch eager": lambda x: eager(x),
@@ -249,7 +249,7 @@ def bench_runtimes(batches=(1, 32), rounds: int = 3, compiled: bool = False) -> 
 
 def _batch(files: list[Path], size: int) -> torch.Tensor:
     from hsflow.data.transforms import build_preprocess
-    from hsflow.images import open_rgb
+    from hsflow.core.images import open_rgb
 
     pre = build_preprocess({"size": size, "resize": round(size * 256 / 224), "mean": [0.5] * 3, "std": [0.5] * 3})
     return torch.stack([pre(open_rgb(f, draft_size=size)) for f in files])
@@ -283,7 +283,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hsflow.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python bench/speed.py", description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="demo_ch08_balanced")
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--epochs", type=int, default=30)

@@ -1,18 +1,18 @@
 """The saved model folder: the whole network (frozen prefix + trained suffix + head) with its classes,
 preprocessing, calibration, unknown score and precedent index, saved as plain files (weights.pt + meta.json +
-unknown.npz + the precedent index: hsflow.precedents) inside an MLflow model. Every door (CLI, MLflow model, REST,
+unknown.npz + the precedent index: hsflow.models.precedents) inside an MLflow model. Every door (CLI, MLflow model, REST,
 page) answers from one of these folders through hsflow.recommend.
 
 It sits above the model layer (hsflow.models: backbones, head, LightningModule) and above the product features it
-bundles (hsflow.unknown, hsflow.precedents), so the network code never depends on them.
+bundles (hsflow.models.unknown, hsflow.models.precedents), so the network code never depends on them.
 
 The folder also carries the whole network exported to ONNX (`network.onnx`: a preprocessed batch in, `logits` and
-the pooled `embedding` out; hsflow.runtime). On a CPU every door answers through ONNX Runtime from it (3-5x torch
+the pooled `embedding` out; hsflow.core.runtime). On a CPU every door answers through ONNX Runtime from it (3-5x torch
 eager), with the same codes and probabilities as torch (tests/test_onnx_runtime.py); a model saved without it, a
 GPU, or HSFLOW_RUNTIME=torch in the environment (`runtime = "torch"`) answer through torch. `forward_arrays` is the
 one seam: preprocessed photos in, (logits, embeddings) out, numpy; torch is imported only where torch runs the
 network or saves it, so a folder with network.onnx loads and answers without torch (the precedent index is numpy;
-the unknown score and the review rule are hsflow.unknown's and hsflow.calibration's).
+the unknown score and the review rule are hsflow.models.unknown's and hsflow.models.calibration's).
 
 Loading never unpickles arbitrary objects: meta is JSON and the weights load with `torch.load(weights_only=True)`
 into a network rebuilt from the backbone registry (no download: the weights file holds every parameter).
@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hsflow import runtime as rt
-from hsflow.images import preprocess_array
-from hsflow.precedents import PrecedentIndex
+from hsflow.core import runtime as rt
+from hsflow.core.images import preprocess_array
+from hsflow.models.precedents import PrecedentIndex
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from hsflow.unknown import UnknownScorer
+    from hsflow.models.unknown import UnknownScorer
 
 WEIGHTS, META, ONNX = "weights.pt", "meta.json", "network.onnx"
 
@@ -95,7 +95,7 @@ class HSModel:
         session = _session(folder / ONNX)
         net = _torch_network(meta, folder, needed=session is None)
         if meta.get("unknown"):
-            from hsflow.unknown import UnknownScorer
+            from hsflow.models.unknown import UnknownScorer
 
             unknown = UnknownScorer.load(folder, meta["unknown"])
         else:
@@ -172,7 +172,7 @@ class HSModel:
         with torch.inference_mode():
             return self.net[1](self.net[0](x))
 
-    embedding = embed  # the name hsflow.unknown reads it by
+    embedding = embed  # the name hsflow.models.unknown reads it by
 
     def forward(self, x: torch.Tensor, tta: bool | None = None):
         """Calibrated class probabilities (with the mirror-image TTA if trained so), embeddings and raw logits of a
@@ -194,7 +194,7 @@ class HSModel:
         return self.forward(x, tta)[0]
 
     def unknown_scores(self, emb, logits) -> np.ndarray | None:
-        """The unknown score of each photo (hsflow.unknown, numpy; embeddings and raw logits as numpy arrays or torch
+        """The unknown score of each photo (hsflow.models.unknown, numpy; embeddings and raw logits as numpy arrays or torch
         tensors), None without a scorer."""
         if self.unknown is None:
             return None

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hsflow.store import RawStore, StoreError
+from hsflow.data.store import RawStore, StoreError
 
 WINDOW_HELP = ("refresh.window: year or quarter (the newest complete one in the store), a year (2019), a quarter "
                "(2019-Q4), or a start date (2019-07-01: from it to the newest ruling)")
@@ -101,7 +101,7 @@ def check(win: Window, dates: list[str], store: Path) -> dict[str, int]:
 
 def ruling_dates(store: RawStore) -> dict[str, str]:
     """rrdc_no -> date (YYYY-MM-DD) of every dated ruling in the store."""
-    from hsflow.store import ruling_date
+    from hsflow.data.store import ruling_date
 
     return {r["rrdc_no"]: d for r in store.rulings() if (d := ruling_date(r))}
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+# hsflow/core/config.py: the package is two folders up (the whole of it is what a logged model carries).
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # The checkout (editable install): conf/ and data/ sit beside the package. HSFLOW_ROOT overrides.
 ROOT_DIR = Path(os.environ.get("HSFLOW_ROOT", PACKAGE_DIR.parent)).resolve()
 CONF_DIR = ROOT_DIR / "conf"

@@ -5,7 +5,7 @@ so the figures are those of the live service: top-1 of the decided code (by stri
 never learned, or one it learned only inside a catch-all class, counts as wrong for it), `needs_review` (the review
 threshold and the unknown score, as the page and REST show them) and `unknown`.
 
-Photos of one ruling are near-copies of one item, so every interval resamples whole rulings (as hsflow.evaluation
+Photos of one ruling are near-copies of one item, so every interval resamples whole rulings (as hsflow.training.evaluation
 does); the differences resample the same rulings for both models (paired), which is what makes a small window
 informative: the rulings both get right or both get wrong cancel out.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.stats import bootstrap
 
-from hsflow.evaluation import CONFIDENCE, RESAMPLES, ruling_interval
+from hsflow.training.evaluation import CONFIDENCE, RESAMPLES, ruling_interval
 
 # What the decision compares (MetricThreshold names): the challenger's top-1 may fall at most `margin` below the
 # champion's at the low end of the paired interval, its unflagged answers must keep the review flag's promise, and it
@@ -39,8 +39,8 @@ class Answers:
 
 def answer(model, photos: list, truth: list[str]) -> tuple[Answers, list[str]]:
     """Run a model over the window photos (PhotoInputs) as the doors do; also the photos that failed to decode."""
-    from hsflow import hs
-    from hsflow.recommend import iter_recommend
+    from hsflow.core import hs
+    from hsflow.serving.recommend import iter_recommend
 
     out, failed = [], []
     known = {hs.describe(c).hs_code for c in model.classes}

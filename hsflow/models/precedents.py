@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hsflow.images import PhotoError, open_rgb
+from hsflow.core.images import PhotoError, open_rgb
 
 EMBEDDINGS, FACTS, THUMBS = "precedents.npy", "precedents.json", "precedent_thumbs.zip"
 EMBEDDINGS_V1 = "precedents.pt"  # models saved before issue 26
@@ -143,7 +143,7 @@ def thumbnail_jpeg(path: str | Path, px: int = THUMB_PX) -> bytes:
 def build(samples, embeddings, classes: list[str], store_root: str | Path,
           k: int = DEFAULT_K, thumbs: bool = True) -> PrecedentIndex:
     """The index over training samples (originals) and their embeddings (aligned), with facts from the store."""
-    from hsflow.store import RawStore
+    from hsflow.data.store import RawStore
 
     wanted = {s.rrdc_no for s in samples}
     records = {r["rrdc_no"]: r for r in RawStore(store_root).rulings() if r["rrdc_no"] in wanted}

@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from hsflow.config import ROOT_DIR
+from hsflow.core.config import PACKAGE_DIR, ROOT_DIR
 
 # MLflow's own experiment-type tag (what its UI's experiment-kind selector writes): classic model training.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -35,10 +35,9 @@ VIEW_COLUMNS = ["metrics.`curves/top1_val`", "metrics.`test/top1`", "metrics.`te
 # What the logged model's own environment installs (`mlflow models serve --env-manager virtualenv|uv`, build-docker):
 # the packages the loaded model imports, at the versions it was trained with. hsflow itself ships inside the model
 # (MLflow `code_paths`: <model>/code/hsflow), so the model installs away from the checkout it was trained in. A model
-# with network.onnx answers without torch (ONNX Runtime, numpy: hsflow.bundle); one whose export failed needs torch.
+# with network.onnx answers without torch (ONNX Runtime, numpy: hsflow.models.bundle); one whose export failed needs torch.
 SERVED_PACKAGES = ("onnxruntime", "numpy", "pillow", "tqdm", "omegaconf")
 TORCH_PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "efficientnet_lite_pytorch")
-PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def pip_requirements(with_torch: bool = False) -> list[str]:
@@ -289,7 +288,7 @@ def log_confusion(pairs, classes: list[str], title: str = "test confusion matrix
 
 
 def signature():
-    """What the served model takes: one row per photo (hsflow/pyfunc.py), `image` as bytes (base64 in
+    """What the served model takes: one row per photo (hsflow/serving/pyfunc.py), `image` as bytes (base64 in
     JSON: MLflow's scoring server decodes a binary column of `dataframe_split`/`dataframe_records`)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
@@ -374,7 +373,7 @@ def guarded(what: str, fn, *args, **kwargs) -> str | None:
 def log_model(model, cfg: DictConfig) -> str:
     """The model as an MLflow pyfunc (model from code, every file HSModel.save writes inside, hsflow's own code as
     its code_paths, its pip requirements, a signature and an input example); returns its URI runs:/<id>/model."""
-    from hsflow import pyfunc
+    from hsflow.serving import pyfunc
 
     # MLflow checks the input example by loading the logged model: without progress bars.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

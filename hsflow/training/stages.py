@@ -32,17 +32,19 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
-from hsflow import calibration, evaluation, metrics, precedents, tracking, unknown
-from hsflow.bundle import HSModel
+from hsflow.models import calibration, metrics, precedents, unknown
+
+from hsflow.training import evaluation, tracking
+from hsflow.models.bundle import HSModel
 from hsflow.data.builder import SPLITS, DatasetSpec, Sample, build_dataset, spec_summary
 from hsflow.data.datamodule import HSDataModule
 from hsflow.data.loading import PhotoDataset, default_workers
 from hsflow.data.transforms import Augmenter, Mirror, OnlineAugmenter, build_preprocess, preprocess_spec, spec_id
-from hsflow.features import FeatureCache, extract
+from hsflow.data.features import FeatureCache, extract
 from hsflow.models.backbones import SplitNet, build_backbone, check_join, split_backbone
 from hsflow.models.classifier import VAL_TOP1, HSClassifier, head_from_spec, head_spec
 from hsflow.models.network import assemble
-from hsflow.timing import EpochTimer, StageClock
+from hsflow.core.timing import EpochTimer, StageClock
 
 log = logging.getLogger("hsflow.train")
 
@@ -285,7 +287,7 @@ def refit_module(ctx: RunContext) -> HSClassifier:
 
 def test(ctx: RunContext) -> None:
     """The test figures: top-k (micro and macro), loss, top-1 by frequency band, and with 95 % intervals over
-    rulings top-1/top-3/chapter/heading and what the review flag lets through (hsflow.evaluation)."""
+    rulings top-1/top-3/chapter/heading and what the review flag lets through (hsflow.training.evaluation)."""
     cfg, spec, mod = ctx.cfg, ctx.spec, ctx.module
     logits, y = split_logits(mod, ctx.dm, "test")
     ctx.test_topk, ctx.test_labels = logits.topk(min(3, logits.shape[1]), dim=1).indices, y
@@ -309,7 +311,7 @@ def test(ctx: RunContext) -> None:
 
 
 def unknown_score(ctx: RunContext) -> None:
-    """The unknown score (hsflow.unknown): each component's validation scores and the threshold from a fit on the
+    """The unknown score (hsflow.models.unknown): each component's validation scores and the threshold from a fit on the
     training originals (msp from the model before the refit: what a new photo meets); the shipped Gaussians and bank
     then also learn the validation photos when the head is refit on them; its rate on validation and test."""
     cfg = ctx.cfg

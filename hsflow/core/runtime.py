@@ -1,6 +1,6 @@
 """Which engine runs a network forward: ONNX Runtime on the CPU, torch everywhere else. One module owns the choice.
 
-Frozen work on a CPU (the feature cache's prefix: hsflow.features) and the saved model's forward (hsflow.bundle) ask
+Frozen work on a CPU (the feature cache's prefix: hsflow.data.features) and the saved model's forward (hsflow.models.bundle) ask
 here for "the network". With `runtime: onnx` (conf/train.yaml, the default) and a CPU device, the torch module is
 exported once to ONNX (opset `OPSET`, a dynamic batch axis) and run by ONNX Runtime's CPU execution provider, which
 runs EfficientNet's depthwise convolutions 2-3x faster than torch eager here (docs/benchmarks.md, `make bench`).

@@ -46,7 +46,7 @@ def unflagged(top_probability, threshold: float, unknown=None):
     """The review rule, the one place it is written: an answer goes out unflagged when its top calibrated probability
     reaches the review threshold (`>=`) and the photo is not unknown. Works on a float or an array (numpy or torch)
     of them, `unknown` on a bool or an array of flags. Fitting (fit_review_threshold), the test figures
-    (hsflow.evaluation), the refresh decision and every answer (hsflow.recommend) apply it."""
+    (hsflow.training.evaluation), the refresh decision and every answer (hsflow.recommend) apply it."""
     ok = top_probability >= threshold
     if unknown is None:
         return ok

@@ -27,7 +27,7 @@ from mlflow.models import set_model
 warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 SCORING_SERVER_ENV = "__pyfunc_model_path__"  # set by MLflow's scoring server (mlflow models serve) for its model
-# Logged with the model (hsflow.tracking.log_model): MLflow lets SERVING_MODEL_CONFIG / load_model(model_config=)
+# Logged with the model (hsflow.training.tracking.log_model): MLflow lets SERVING_MODEL_CONFIG / load_model(model_config=)
 # set only the keys a model was logged with. read_paths: None = the scoring server reads no path, in-process callers
 # may; served_as: the registered version being served ({registered_model, version, aliases}: hsflow.serve sets it).
 MODEL_CONFIG = {"read_paths": None, "served_as": {}}
@@ -52,7 +52,7 @@ def _given(value) -> bool:
 
 class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from hsflow.bundle import HSModel
+        from hsflow.models.bundle import HSModel
 
         self.model = HSModel.load(Path(context.artifacts["meta.json"]).parent)
         config = context.model_config or {}
@@ -66,7 +66,7 @@ class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
         """A PhotoInput per row; a row that names no usable photo carries its error (answered in its place)."""
         import pandas as pd
 
-        from hsflow.recommend import PhotoInput
+        from hsflow.serving.recommend import PhotoInput
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame({"path": list(model_input)})
@@ -88,7 +88,7 @@ class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
         return rows
 
     def predict(self, context, model_input, params=None):
-        from hsflow.recommend import as_json, iter_recommend
+        from hsflow.serving.recommend import as_json, iter_recommend
 
         params = params or {}
         precedents = params.get("precedents")

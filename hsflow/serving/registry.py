@@ -17,7 +17,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from hsflow.config import default_tracking_uri
+from hsflow.core.config import default_tracking_uri
 
 DEFAULT_NAME = "hsflow"       # conf/refresh.yaml's refresh.registered_model; `--registered-model` of the doors
 CHAMPION, CHALLENGER = "champion", "challenger"
