@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     mlflow_cli = shutil.which("mlflow", path=bindir) or "mlflow"
     env = {**os.environ, "MLFLOW_TRACKING_URI": default_tracking_uri(),
            "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")])}
-    try:  # a registered version: served by number, and named in every answer (hsflow/models/pyfunc.py)
+    try:  # a registered version: served by number, and named in every answer (hsflow/serving/pyfunc.py)
         uri, served_as = registry.identify(uri, default_tracking_uri())
     except Exception as exc:  # noqa: BLE001 - a missing model, version or alias: one line
         print(f"error: cannot serve {uri}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}",
