@@ -405,6 +405,16 @@ def excluded_codes(cfg: DictConfig) -> set[str]:
     return set(codes)
 
 
+def leave_codes_out(samples: list[Sample], classes: list[str], held) -> tuple[list[bool], list[bool], list[int]]:
+    """Leave-codes-out over samples whose labels index `classes`: per sample, whether its code is trained (not in
+    `held`), whether it is an original photo (view 0), and its label among the trained codes alone, in `classes`'
+    order (-1 for a held-out code's photo): what a model trained without `held` would be taught."""
+    held = set(held)
+    relabel = {c: i for i, c in enumerate(c for c in classes if c not in held)}
+    known = [classes[s.label] not in held for s in samples]
+    return known, [s.view == 0 for s in samples], [relabel.get(classes[s.label], -1) for s in samples]
+
+
 def protocol(cfg: DictConfig) -> str:
     """How the splits were drawn, in words a report can show: 'date<2018-01-01|<2019-01-01' or 'ruling(seed 42)'."""
     if str(cfg.split.get("by", "ruling")) == "date":

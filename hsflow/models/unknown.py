@@ -41,7 +41,7 @@ DEFAULT_K = 1
 PCA_DIM = 1024     # the Gaussians live in this many principal directions of the training embeddings
 SHRINKAGE = 0.1    # covariance shrunk towards its mean eigenvalue this much: stable with few photos per code
 NORMALIZE = "l2"   # rmd's input: l2 (unit length first) | none (the embedding as the head reads it)
-# Chosen on the CHOICE codes against 2018 (bench/unknown_sweep.py, docs/unknown.md): PCA 1024 and shrinkage 0.1 read
+# Chosen on the CHOICE codes against 2018 (studies/unknown_sweep.py, docs/unknown.md): PCA 1024 and shrinkage 0.1 read
 # the highest fused AUROC there; unit length ties raw embeddings (0.623 vs 0.625) and, unlike them, still calls
 # a texture photo unknown on the tiny test store. The REPORT codes were read after, never chosen on.
 CHUNK = 4096       # query rows per similarity block: bounds memory for large banks
@@ -129,6 +129,12 @@ class UnknownScorer:
             if all(f"val_{p}" in self.arrays for p in parts) and all(p in out for p in parts):
                 out[name] = np.mean([quantile(self.arrays[f"val_{p}"], out[p]) for p in parts], axis=0)
         return out
+
+    def refer(self, comps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Take `comps` (component -> the reference photos' scores) as the reference whose quantiles the fused scores
+        read (arrays["val_<component>"]); returns `comps` with the fused scores of the reference photos."""
+        self.arrays.update({f"val_{n}": np.sort(v).astype(np.float32) for n, v in comps.items()})
+        return self.fuse(comps)
 
     def score(self, emb: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """The chosen method's score of each photo (embeddings and raw logits, one row a photo)."""
@@ -236,10 +242,8 @@ def fit(train_emb, train_labels, val_emb, val_logits, temperature: float = 1.0, 
 
     ref = UnknownScorer(method, 0.0, arrays_of(train_emb, train_labels), float(temperature), int(k), 0.0,
                         float(max_rate), normalize)
-    comps = ref.components(val_emb, val_logits)  # no validation quantiles yet: no fused scores
-    val_sorted = {f"val_{n}": np.sort(v).astype(np.float32) for n, v in comps.items()}
-    ref.arrays.update(val_sorted)
-    comps = ref.fuse(comps)
+    comps = ref.refer(ref.components(val_emb, val_logits))  # no validation quantiles before: no fused scores
+    val_sorted = {k: v for k, v in ref.arrays.items() if k.startswith("val_")}
     val = comps[method].astype(np.float32)
     ref.threshold = fit_threshold(val, max_rate)
     ref.val_rate = float(ref.decide(val).mean())

@@ -73,6 +73,22 @@ def tracking_failure(exc: Exception, cfg: DictConfig) -> str | None:
             f"kept ({where}): once the server is back, continue the same run with resume={run_id}")
 
 
+def last_line(result: dict) -> str:
+    """The run's last printed line: what scripts that run `python -m hsflow.train` read back (parse_last_line)."""
+    return f"run_id={result['run_id']} test_top1={result['test_top1']:.4f}"
+
+
+def parse_last_line(stdout: str) -> dict:
+    """`run_id` (str) and `test_top1` (float) from the output of `python -m hsflow.train`, whose last line is
+    last_line's; a ValueError naming what was found where that line should be."""
+    lines = stdout.strip().splitlines()
+    found = re.fullmatch(r"run_id=(\S+) test_top1=(\S+)", lines[-1].strip()) if lines else None
+    if found is None:
+        raise ValueError(f"no 'run_id=... test_top1=...' line at the end of the training output: "
+                         f"{(lines or [''])[-1][:200]!r}")
+    return {"run_id": found[1], "test_top1": float(found[2])}
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -97,7 +113,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(3)
     if result is None:  # another process of a DDP run: it fitted its share; rank zero reports
         return None
-    print(f"run_id={result['run_id']} test_top1={result['test_top1']:.4f}", flush=True)
+    print(last_line(result), flush=True)
     return result["val_top1"]  # what sweepers (optuna) optimize: validation, never test
 
 

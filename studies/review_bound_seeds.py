@@ -1,13 +1,13 @@
 """How often does the review bound certify anything on 2018? (issue 25: the choice of calibration.delta)
 
-    .venv/bin/python bench/review_bound_seeds.py --seeds 42 43 44 45       # fit each seed (about 3 min each)
-    .venv/bin/python bench/review_bound_seeds.py --from-npz DIR            # re-read saved validation answers
+    .venv/bin/python studies/review_bound_seeds.py --seeds 42 43 44 45       # fit each seed (about 3 min each)
+    .venv/bin/python studies/review_bound_seeds.py --from-npz DIR            # re-read saved validation answers
 
 For each seed, make train's stages up to the unknown score (setup ... calibrate, unknown_score; no refit, no test:
 2019 is never read) give the pre-refit model's calibrated 2018 answers and which photos are called unknown; then
 the Clopper-Pearson review threshold at delta 0.1 and 0.2 (and the point estimate) is fitted exactly as make train
 fits it (calibration.fit_review_threshold), and its 2018 coverage and precision are read. Writes
-bench/review_bound_seeds.json.
+studies/review_bound_seeds.json.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def main() -> int:
         path = work / f"val_{seed}.npz"
         rows[seed] = certified(path if path.is_file() else validation_answers(seed, work))
         print(seed, json.dumps(rows[seed]), flush=True)
-    (ROOT / "bench" / "review_bound_seeds.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (ROOT / "studies" / "review_bound_seeds.json").write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 

@@ -3,7 +3,7 @@
 # cache for all three) into a temporary tracking store, `mlflow server` on 127.0.0.1, then headless Chromium
 # screenshots of the experiment's runs table, a run's metric charts and the runs compared -> docs/ui_*.png.
 # Needs Debian's chromium (apt-get install -y chromium). UI_STORE=DIR keeps the store there (trains only once).
-# Usage: bash bench/ui_screenshots.sh [PORT]
+# Usage: bash tools/ui_screenshots.sh [PORT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -25,4 +25,4 @@ setsid .venv/bin/mlflow server --backend-store-uri "$MLFLOW_TRACKING_URI" --host
 SERVER=$!
 trap 'kill -- -$SERVER 2>/dev/null || true; [ -n "${UI_STORE:-}" ] || rm -rf "$STORE"' EXIT
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 1; done
-$PY bench/ui_screenshots.py --url "http://127.0.0.1:$PORT" --experiment ui-demo --out docs
+$PY tools/ui_screenshots.py --url "http://127.0.0.1:$PORT" --experiment ui-demo --out docs

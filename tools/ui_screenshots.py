@@ -1,7 +1,7 @@
 """Screenshots of the MLflow UI with headless Chromium (Debian's `chromium`), by URL route only (nothing clicked): the experiment's
 runs table in hsflow's saved view, a run's metric charts, and the runs side by side in the chart view.
 
-Run by bench/ui_screenshots.sh, which trains the runs into a temporary store and starts `mlflow server`.
+Run by tools/ui_screenshots.sh, which trains the runs into a temporary store and starts `mlflow server`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Which unknown score? The candidates side by side on two trained runs (as bench/unknown_eval.sh trains them):
+"""Which unknown score? The candidates side by side on two trained runs (as studies/unknown_eval.sh trains them):
 
-    python bench/unknown_candidates.py FULL_RUN_ID HELDOUT_RUN_ID [--tracking-uri URI]
+    python studies/unknown_candidates.py FULL_RUN_ID HELDOUT_RUN_ID [--tracking-uri URI]
 
 Candidates: cosine distance to the k-th nearest training photo in the backbone's pooled features (what
 hsflow.models.unknown ships) or in the head's hidden layer, energy (-logsumexp of the logits, raw and at the model's

@@ -1,13 +1,13 @@
 """int8 for make train's frozen prefix (issue 26): ONNX Runtime static quantization, speed and 2018 top-1.
 
-    .venv/bin/python bench/int8_eval.py            # after `make train` filled the feature cache
+    .venv/bin/python studies/int8_eval.py            # after `make train` filled the feature cache
 
 The joined Lite1 + Lite0 prefix is exported once (float32), then quantized with ONNX Runtime's static quantization
 (QDQ, int8 weights per channel, uint8 activations, calibrated on 64 training photos). Speed: photos/s of both at
 batch 32 and 1, interleaved rounds, in this one process. Accuracy: the 2,640 training originals and the 147 photos of
 2018 through the int8 prefix; a head like make train's (hidden 512, 20 epochs, AdamW, label smoothing 0.1; on the
 originals, no generated copies, to keep this bench short) fit on each prefix's features, seed for seed; 2018 top-1
-with its paired difference over rulings. 2019 is not read. Output: bench/int8_results.json.
+with its paired difference over rulings. 2019 is not read. Output: studies/int8_results.json.
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))  # hsflow and studies.common from this checkout
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
@@ -28,12 +27,11 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from hsflow.training import evaluation  # noqa: E402
-
-from hsflow.core import runtime as rt
+from hsflow.core import runtime as rt  # noqa: E402
 from hsflow.data.loading import PhotoDataset  # noqa: E402
 from hsflow.data.transforms import build_preprocess  # noqa: E402
-from unknown_sweep import features, train_head  # noqa: E402
+from hsflow.training import evaluation  # noqa: E402
+from studies.common import features, train_head  # noqa: E402
 
 
 class Reader:
@@ -110,7 +108,7 @@ def main() -> None:
     result |= {"val_top1_int8": float(a.mean()), "val_top1_fp32": float(b.mean()), "seeds": list(seeds),
                "paired_diff_int8_minus_fp32": evaluation.paired_difference(a, b, rulings)}
     print(json.dumps(result, indent=1))
-    (ROOT / "bench" / "int8_results.json").write_text(json.dumps(result, indent=1))
+    (ROOT / "studies" / "int8_results.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Precedent figures for docs/recommend.md: `python bench/precedent_figures.py <run id>` over a make-train run (its 2019
+"""Precedent figures for docs/recommend.md: `python studies/precedent_figures.py <run id>` over a make-train run (its 2019
 (dated) test photos, through hsflow.recommend with precedents), and the size of each file in its model folder."""
 import csv
 import sys
@@ -12,6 +12,8 @@ from mlflow.tracking import MlflowClient
 from hsflow.serving import recommend as R
 from hsflow.core.config import default_tracking_uri
 
+if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+    sys.exit("usage: python studies/precedent_figures.py RUN_ID  (a make-train run in the project's tracking store)")
 run_id = sys.argv[1]
 client = MlflowClient(default_tracking_uri())
 metrics = client.get_run(run_id).data.metrics

@@ -1,6 +1,6 @@
 """What beats make train's default (issue 20)? Candidates on the 2018 validation rulings, each one MLflow run.
 
-    .venv/bin/python bench/features_search.py NAME [NAME ...] [--seeds 42 43 44] [--no-refit] [--heldout]
+    .venv/bin/python studies/features_search.py NAME [NAME ...] [--seeds 42 43 44] [--no-refit] [--heldout]
 
 Every candidate is `experiment=recommended` plus Hydra overrides (CANDIDATES below); `concat` candidates also join
 the pooled features of other backbones. For each seed the script fits the model on the training rulings (make
@@ -8,7 +8,7 @@ train's stages up to the data, then stages.make_module: the code make train runs
 fits the temperature and the review thresholds there, refits on train + 2018 as make train does, and reads the 2019 test answers of the refit model.
 Chosen on validation only: top-1 with a 95 % interval over rulings, and the paired difference to the candidate
 `baseline` (same photos, rulings resampled together). 2019 figures are reported, never used to choose.
-`--heldout` instead trains with one code per chapter held out (bench/unknown_eval.py's codes) and measures the
+`--heldout` instead trains with one code per chapter held out (studies/unknown_eval.py's codes) and measures the
 unknown score: AUROC and FPR at 95 % TPR of held-out-code photos against 2019 photos of trained codes.
 Runs go to the MLflow experiment `features-search` (`--tracking-uri`, default the project's store).
 """
@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # hsflow and studies.common from this checkout
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -40,6 +40,7 @@ from hsflow.models import calibration  # noqa: E402
 
 from hsflow.training import evaluation, stages
 from hsflow.core.config import CONF_DIR, default_tracking_uri  # noqa: E402
+from studies import common  # noqa: E402
 
 EXPERIMENT = "features-search"
 FT1 = ["model.unfreeze=1", "finetune.bn=frozen", "finetune.warmup_epochs=1", "finetune.train_crop=4"]
@@ -80,7 +81,7 @@ REVIEW_METHODS = {  # key -> threshold from validation probabilities (calibrated
     "ltt80": lambda p, y, g: calibration.review_threshold_bound(p, y, 0.95, 0.2),
     "ltt80_rulings": lambda p, y, g: calibration.review_threshold_bound(p, y, 0.95, 0.2, groups=g),
 }
-HELDOUT = ["0403200000", "0714200000", "0810500000", "0910110000", "2009710000", "2106900000", "2202990000"]
+HELDOUT = common.REPORT  # docs/unknown.md's seven report codes
 
 
 def config(overrides: list[str], cache_dir: str):
@@ -306,8 +307,7 @@ def unknown_figures(cfg, module, dm, spec, net) -> dict:
 
 def run_heldout(name: str, args, exp_id: str) -> None:
     cand = CANDIDATES[name]
-    codes = ",".join(f'"{c}"' for c in HELDOUT)
-    cfg, spec, net, dm = prepare(cand, args.cache_dir, [*args.extra, f"dataset.exclude_codes=[{codes}]"])
+    cfg, spec, net, dm = prepare(cand, args.cache_dir, [*args.extra, common.exclude_override(HELDOUT)])
     init = copy.deepcopy(net.suffix.state_dict())
     module, _, minutes = fit(cfg, net, dm, spec, args.seeds[0], init)
     figures = unknown_figures(cfg, module, dm, spec, net) | {"fit_minutes": minutes}

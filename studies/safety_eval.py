@@ -1,4 +1,4 @@
-"""Safe by default, measured: `bash bench/safety_eval.sh [training overrides]` -> bench/safety_results.json.
+"""Safe by default, measured: `bash studies/safety_eval.sh [training overrides]` -> studies/safety_results.json.
 
 Four training runs of the same configuration (default `experiment=recommended`) on dataset=demo, each a real
 `python -m hsflow.train` (MLflow experiment "safety-eval"):
@@ -18,7 +18,6 @@ Four training runs of the same configuration (default `experiment=recommended`) 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -27,30 +26,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # hsflow and studies.common from this checkout
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from hsflow.core.config import default_tracking_uri  # noqa: E402
 from hsflow.data.store import RawStore  # noqa: E402
-from unknown_eval import train  # noqa: E402  (bench/: the same CLI training, last line parsed)
-
-REPORT = ["0403200000", "0714200000", "0810500000", "0910110000", "2009710000", "2106900000", "2202990000"]
-
-
-def choice_codes(store: Path) -> list[str]:
-    """In each chapter with at least three codes, the codes ranked just below and just above its median by photo
-    count (ties by code): codes of several chapters, never a REPORT code (those are the medians), fixed by rule."""
-    counts = collections.Counter(p.hs_code for p in RawStore(store).photos())
-    chapters = collections.defaultdict(list)
-    for code in counts:
-        chapters[code[:2]].append(code)
-    out = []
-    for codes in chapters.values():
-        if len(codes) >= 3:
-            ranked = sorted(codes, key=lambda c: (counts[c], c))
-            out += [ranked[len(ranked) // 2 - 1], ranked[len(ranked) // 2 + 1]]
-    assert not set(out) & set(REPORT)
-    return sorted(out)
+from studies import common  # noqa: E402
+from studies.common import REPORT, choice_codes, train  # noqa: E402
 
 
 def shift_store(store: Path, folder: Path) -> Path:
@@ -64,7 +46,7 @@ def shift_store(store: Path, folder: Path) -> Path:
 def runs(args, overrides: list[str]) -> dict[str, str]:
     if args.runs:
         return dict(zip(("full", "choice", "report", "shift"), args.runs))
-    held = lambda codes: "dataset.exclude_codes=[" + ",".join(f'"{c}"' for c in codes) + "]"  # noqa: E731
+    held = common.exclude_override
     shift = shift_store(Path(args.store), ROOT / "cache" / "shift-store")
     return {"full": train(overrides, "safety full", args.experiment),
             "choice": train([*overrides, held(choice_codes(Path(args.store)))], "safety choice", args.experiment),
@@ -121,14 +103,14 @@ def main() -> None:
     ap.add_argument("--runs", nargs=4, metavar=("FULL", "CHOICE", "REPORT", "SHIFT"))
     ap.add_argument("--store", default=str(ROOT / "data" / "demo"))
     ap.add_argument("--experiment", default="safety-eval")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "safety_results.json"))
+    ap.add_argument("--out", default=str(ROOT / "studies" / "safety_results.json"))
     args = ap.parse_args()
     started = time.perf_counter()
     ids = runs(args, [*args.overrides, f"paths.raw_store={args.store}"] if not args.runs else [])
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(default_tracking_uri())
-    result = {"command": "bash bench/safety_eval.sh " + " ".join(args.overrides), "runs": ids,
+    result = {"command": "bash studies/safety_eval.sh " + " ".join(args.overrides), "runs": ids,
               "report_codes": REPORT, "choice_codes": choice_codes(Path(args.store)), "metrics": {}, "tradeoff": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, run_id in ids.items():

@@ -6,7 +6,7 @@ training rulings only, one trained on training + the other half, and one where t
 scores are averaged. The 2019 test rulings are never read. The result is logged as a run of the MLflow experiment
 "default-search" and decides `refit.enabled` / `refit.val_weight` of experiment=recommended.
 
-    .venv/bin/python bench/refit_evidence.py [hydra overrides, default: experiment=recommended]
+    .venv/bin/python studies/refit_evidence.py [hydra overrides, default: experiment=recommended]
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The unknown score's three evaluations, rerun from scratch: `bash bench/unknown_eval.sh [training overrides]`.
+"""The unknown score's three evaluations, rerun from scratch: `bash studies/unknown_eval.sh [training overrides]`.
 
 1. Trains the model (default `experiment=recommended`) on dataset=demo: its run logs val_unknown_rate and
    test_unknown_rate (2019 rulings of trained codes).
@@ -7,7 +7,7 @@
    every photo of those codes, any period.
 3. Asks hsflow.recommend, the product's own path, about data/ood (photos of things that are not the trained goods),
    the test rulings and the held-out codes' photos; logs ood_unknown_rate to the first run and writes
-   bench/unknown_results.json.
+   studies/unknown_results.json.
 
 `--runs FULL HELDOUT` skips the training and evaluates two existing runs.
 """
@@ -18,43 +18,21 @@ import collections
 import csv
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # hsflow and studies.common from this checkout
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from hsflow.serving import recommend as R  # noqa: E402
 from hsflow.core.config import default_tracking_uri  # noqa: E402
 from hsflow.data.store import RawStore  # noqa: E402
+from studies.common import exclude_override, median_code_per_chapter, train  # noqa: E402
 
 TARGETS = {"ood": 0.90, "heldout": 0.80, "test": 0.10}  # issue 12: >= 90 %, >= 80 %, <= 10 %
-
-
-def median_code_per_chapter(store: Path) -> list[str]:
-    """From each chapter, the code with the median number of photos (ties by code): held-out codes of every
-    chapter, neither the commonest nor the rarest."""
-    counts = collections.Counter(p.hs_code for p in RawStore(store).photos())
-    chapters = collections.defaultdict(list)
-    for code in counts:
-        chapters[code[:2]].append(code)
-    return sorted(sorted(cs, key=lambda c: (counts[c], c))[len(cs) // 2] for cs in chapters.values())
-
-
-def train(overrides: list[str], run_name: str, experiment: str) -> str:
-    cmd = [sys.executable, "-m", "hsflow.train", *overrides, f"logger.experiment_name={experiment}",
-           f"logger.run_name={run_name}"]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"training failed ({run_name}):\n{proc.stderr[-3000:]}")
-    last = proc.stdout.strip().splitlines()[-1]
-    print(last, flush=True)
-    return last.split()[0].removeprefix("run_id=")
 
 
 def rate(recs) -> float:
@@ -69,7 +47,7 @@ def main() -> None:
     ap.add_argument("--heldout", nargs="*", help="codes to hold out (default: each chapter's median code)")
     ap.add_argument("--store", default=str(ROOT / "data" / "demo"))
     ap.add_argument("--experiment", default="unknown-eval", help="MLflow experiment of the two runs")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "unknown_results.json"))
+    ap.add_argument("--out", default=str(ROOT / "studies" / "unknown_results.json"))
     args = ap.parse_args()
     started = time.perf_counter()
     held_codes = args.heldout or median_code_per_chapter(Path(args.store))
@@ -78,8 +56,7 @@ def main() -> None:
         full_id, held_id = args.runs
     else:
         full_id = train(overrides, "unknown-eval-full", args.experiment)
-        codes = ",".join(f'"{c}"' for c in held_codes)
-        held_id = train([*overrides, f"dataset.exclude_codes=[{codes}]"], "unknown-eval-heldout", args.experiment)
+        held_id = train([*overrides, exclude_override(held_codes)], "unknown-eval-heldout", args.experiment)
 
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -122,7 +99,7 @@ def main() -> None:
               "heldout_val_unknown_rate": client.get_run(held_id).data.metrics.get("val/unknown_rate"),
               "heldout_test_unknown_rate": client.get_run(held_id).data.metrics.get("test/unknown_rate")}
     result = {
-        "command": "bash bench/unknown_eval.sh " + " ".join(args.overrides), "overrides": args.overrides,
+        "command": "bash studies/unknown_eval.sh " + " ".join(args.overrides), "overrides": args.overrides,
         "runs": {"full": full_id, "heldout": held_id}, "tracking_uri": uri,
         "score": full.meta["unknown"], "heldout_codes": held_codes,
         "figures": figures, "targets": TARGETS,

@@ -1,6 +1,6 @@
 """Spending the runtime's savings on accuracy (issue 26, part 5): which candidate, chosen on 2018 under the safety rule?
 
-    .venv/bin/python bench/accuracy_candidates.py [--seeds 42 43 44]    # extracts Lite0+1+2 and mirrors once (~5 min)
+    .venv/bin/python studies/accuracy_candidates.py [--seeds 42 43 44]    # extracts Lite0+1+2 and mirrors once (~5 min)
 
 Candidates on the feature cache, each a head like make train's (hidden 512, dropout 0.5, AdamW, cosine, label
 smoothing 0.1, 2 generated copies, 20 epochs): make train's Lite1 + Lite0 join (the baseline), the three offline
@@ -8,7 +8,7 @@ networks joined (Lite1 + Lite0 + Lite2, one 240 px crop), and each with the test
 Chosen on 2018 (the model trained before 2018): top-1 and its paired difference with the baseline over rulings, and
 the safety rule of issue 25 — with the CHOICE codes held out of training, the share of their photos answered with
 neither flag (review bound at 80 %, unknown threshold at 10 % of 2018) must not rise. 2019 (the model refit on
-training + 2018) and the REPORT codes are read beside, never chosen on. Output: bench/accuracy_candidates.json.
+training + 2018) and the REPORT codes are read beside, never chosen on. Output: studies/accuracy_candidates.json.
 """
 from __future__ import annotations
 
@@ -18,19 +18,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))  # hsflow and studies.common from this checkout
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hsflow.models import calibration, unknown  # noqa: E402
+from hsflow.training import evaluation  # noqa: E402
+from studies import common  # noqa: E402
 
-from hsflow.training import evaluation
-from safety_eval import REPORT, choice_codes  # noqa: E402
-from unknown_sweep import features, temperature, train_head  # noqa: E402
-
-CAL = {"method": "clopper_pearson", "delta": 0.2, "target_precision": 0.95}
 BASE_DIM = 2560  # Lite1 (1,280) + Lite0 (1,280): the first columns of the three-way join
 
 
@@ -42,42 +38,37 @@ def logits_of(head, x: torch.Tensor, tta: bool) -> np.ndarray:
 
 def one(feats, samples, classes, held: set[str], seed: int, dim: int, final_too: bool) -> dict:
     """The heads are trained once; each is read without and with the test-time mirror."""
-    keep = lambda sp: np.array([classes[s.label] not in held for s in samples[sp]])  # noqa: E731
-    orig = lambda sp: np.array([s.view == 0 for s in samples[sp]])  # noqa: E731
-    remap = {c: i for i, c in enumerate(c for c in classes if c not in held)}
-    ys = lambda sp, m: np.array([remap[classes[s.label]] for s, k in zip(samples[sp], m) if k])  # noqa: E731
+    lo = common.LeftOut(feats, samples, classes, held)
+    keep, orig, ys = lo.known, lo.orig, lo.y
     f = {sp: v[..., :dim] for sp, v in feats.items()}
-    tm, tom, vm, sm = keep("train"), keep("train") & orig("train"), keep("val"), keep("test")
+    tm, tom, vm, sm = keep["train"], keep["train"] & orig["train"], keep["val"], keep["test"]
     tx, ty = f["train"][tm], torch.as_tensor(ys("train", tm))
     vx, vy, sx, sy = f["val"][vm], ys("val", vm), f["test"][sm], ys("test", sm)
-    hx = torch.cat([f[sp][~keep(sp)] for sp in ("val", "test")])  # held codes' photos of the later collection
-    n = len(remap)
-    head0 = train_head(tx, ty, n, seed=seed)
-    final = train_head(torch.cat([tx, vx[:, 0]]), torch.cat([ty, torch.as_tensor(vy)]), n, seed=seed) \
+    hx = torch.cat([f[sp][~keep[sp]] for sp in ("val", "test")])  # held codes' photos of the later collection
+    n = lo.classes
+    head0 = common.train_head(tx, ty, n, seed=seed)
+    final = common.train_head(torch.cat([tx, vx[:, 0]]), torch.cat([ty, torch.as_tensor(vy)]), n, seed=seed) \
         if final_too else None
-    return {tta: read(head0, final, f, samples, keep, orig, ys, vm, vx, vy, sx, sy, hx, tta) for tta in (False, True)}
+    return {tta: read(head0, final, f, samples, lo, vm, vx, vy, sx, sy, hx, tta) for tta in (False, True)}
 
 
-def read(head0, final, f, samples, keep, orig, ys, vm, vx, vy, sx, sy, hx, tta: bool) -> dict:
-    tom = keep("train") & orig("train")
+def read(head0, final, f, samples, lo, vm, vx, vy, sx, sy, hx, tta: bool) -> dict:
+    tom = lo.known["train"] & lo.orig["train"]
     v_lg = logits_of(head0, vx, tta)
-    t = temperature(torch.as_tensor(v_lg), torch.as_tensor(vy))
-    gx, gy = f["train"][tom].numpy(), ys("train", tom)
-    ref = unknown.UnknownScorer("rmd", 0.0, unknown.gaussians(gx, gy))  # hsflow's defaults
-    msp = unknown.UnknownScorer("msp", 0.0, {}, t)
-    v_rmd, v_msp = ref.rmd(vx[:, 0].numpy()), msp.msp(v_lg)
-    q = lambda r, a: unknown.quantile(np.sort(r), a)  # noqa: E731
-    v_score = (q(v_rmd, v_rmd) + q(v_msp, v_msp)) / 2
-    u = unknown.fit_threshold(v_score, 0.1)
+    t = common.temperature(v_lg, vy)
+    gx, gy = f["train"][tom].numpy(), lo.y("train", tom)
+    # make train's fit: Gaussians of the training photos, the threshold at 10 % of 2018 (the fused score)
+    scorer = unknown.fit(gx, gy, vx[:, 0].numpy(), v_lg, t, "rmd_msp", 0.1)
+    v_score, u = scorer.reference["score"], scorer.threshold
     vp = unknown.softmax(v_lg, t)
-    r = calibration.fit_review_threshold(vp, vy, CAL, None, v_score <= u)
+    r = calibration.fit_review_threshold(vp, vy, common.calibration_settings(), None, v_score <= u)
     rulings = [s.rrdc_no for s, k in zip(samples["val"], vm) if k]
     out = {"top1_2018": float((vp.argmax(1) == vy).mean()), "right_2018": (vp.argmax(1) == vy).tolist(),
            "rulings_2018": rulings, "review_threshold": float(r),
            "coverage_2018": float(calibration.unflagged(vp.max(1), r, v_score > u).mean())}
     if len(hx):  # the pre-refit model meets the held-out codes' photos (the choice protocol: 2018 is its reference)
         h_lg = logits_of(head0, hx, tta)
-        h_score = (q(v_rmd, ref.rmd(hx[:, 0].numpy())) + q(v_msp, msp.msp(h_lg))) / 2
+        h_score = scorer.score(hx[:, 0].numpy(), h_lg)
         out["held_unflagged"] = float(calibration.unflagged(unknown.softmax(h_lg, t).max(1), r, h_score > u).mean())
         out["held_auroc"] = unknown.auroc(v_score, h_score)
     if final is not None:  # 2019: read, not chosen on
@@ -94,8 +85,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     args = ap.parse_args()
-    feats, samples, classes, cfg, _ = features(["model.concat=[efficientnet_lite0,efficientnet_lite2]", "tta=true"])
-    choice = set(choice_codes(Path(cfg.paths.raw_store)))
+    feats, samples, classes, cfg, _ = common.features(["model.concat=[efficientnet_lite0,efficientnet_lite2]", "tta=true"])
+    choice = set(common.choice_codes(Path(cfg.paths.raw_store)))
     rows = {}
     for name, dim in (("lite1+lite0", BASE_DIM), ("lite1+lite0+lite2", feats["train"].shape[-1])):
         full = {s: one(feats, samples, classes, set(), s, dim, True) for s in args.seeds}
@@ -108,7 +99,7 @@ def main() -> None:
                   "held", round(float(np.mean([rows[key]["choice"][s]["held_unflagged"] for s in args.seeds])), 3),
                   flush=True)
     table = summary(rows, args.seeds)
-    (ROOT / "bench" / "accuracy_candidates.json").write_text(json.dumps({"seeds": args.seeds, "table": table,
+    (ROOT / "studies" / "accuracy_candidates.json").write_text(json.dumps({"seeds": args.seeds, "table": table,
                                                                           "rows": rows}, indent=1))
     for line in table:
         print(line)
@@ -116,7 +107,7 @@ def main() -> None:
 
 def summary(rows: dict, seeds: list[int]) -> list[str]:
     """Markdown rows: means over seeds; the paired difference vs the baseline over 2018's rulings (per photo the
-    share of seeds right, as bench/features_search.py pairs)."""
+    share of seeds right, as studies/features_search.py pairs)."""
     base = rows["lite1+lite0"]["full"]
     lines = ["| candidate | 2018 top-1 | paired diff vs baseline, 2018 | held-out choice codes unflagged | "
              "2019 top-1 | 2019 top-3 | 2019 coverage |", "|---|---|---|---|---|---|---|"]

@@ -3,8 +3,8 @@
 # configuration on dataset=demo with its dated split (train < 2018, validation 2018, test 2019), all in the MLflow
 # experiment "default-search". Chosen by val_top1 (2018 rulings); the 2019 test rulings are only reported.
 # Table: .venv/bin/python -m hsflow.report --experiment default-search --layout list
-# The refit on train + validation is decided on validation alone too: bench/refit_evidence.py (run "refit-evidence").
-# Usage: bash bench/default_search.sh [NAME ...]   (no names: every configuration below)
+# The refit on train + validation is decided on validation alone too: studies/refit_evidence.py (run "refit-evidence").
+# Usage: bash studies/default_search.sh [NAME ...]   (no names: every configuration below)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NO_ALBUMENTATIONS_UPDATE=1

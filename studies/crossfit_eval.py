@@ -1,13 +1,13 @@
 """Cross-fitted thresholds? An offline experiment on the feature cache (issue 25, third round).
 
-    .venv/bin/python bench/crossfit_eval.py [--seeds 42 43 44]
+    .venv/bin/python studies/crossfit_eval.py [--seeds 42 43 44]
 
 make train fits the unknown and review thresholds on 2018 as answered by the model trained before 2018, then refits
 on training + 2018: the shipped model is more at home in the later photo collection than the one that vouched for
 it, so the thresholds are stricter than they need be on 2019 (61 % answered, all right). Cross-fitting: 2018's
 rulings in two halves; each half answered by a head (and Gaussians) that learned training + the other half. Each
 variant's thresholds are then applied to the final model (training + all of 2018), scored on 2019 and on photos of
-held-out codes (none / CHOICE / REPORT, bench/safety_eval.py). Output: bench/crossfit_eval.json; read in
+held-out codes (none / CHOICE / REPORT, studies/common.py). Output: studies/crossfit_eval.json; read in
 docs/unknown.md (not adopted).
 """
 from __future__ import annotations
@@ -19,17 +19,13 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))  # hsflow and studies.common from this checkout
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hsflow.models import calibration, unknown  # noqa: E402
-from safety_eval import REPORT, choice_codes  # noqa: E402
-from unknown_sweep import features, temperature, train_head  # noqa: E402
-
-CAL = {"method": "clopper_pearson", "delta": 0.2, "target_precision": 0.95}
+from studies import common  # noqa: E402
 
 
 def scored(head, gauss_x, gauss_y, x):
@@ -41,53 +37,47 @@ def scored(head, gauss_x, gauss_y, x):
 
 
 def run(feats, samples, classes, held: set[str], seed: int) -> dict:
-    keep = lambda sp: np.array([classes[s.label] not in held for s in samples[sp]])  # noqa: E731
-    orig = lambda sp: np.array([s.view == 0 for s in samples[sp]])  # noqa: E731
-    remap = {c: i for i, c in enumerate(c for c in classes if c not in held)}
-    ys = lambda sp, m: np.array([remap[classes[s.label]] for s, k in zip(samples[sp], m) if k])  # noqa: E731
-    tm, tom = keep("train"), keep("train") & orig("train")
-    vm, sm = keep("val") & orig("val"), keep("test") & orig("test")
+    lo = common.LeftOut(feats, samples, classes, held)
+    keep, orig, ys = lo.known, lo.orig, lo.y
+    tm, tom = keep["train"], keep["train"] & orig["train"]
+    vm, sm = keep["val"] & orig["val"], keep["test"] & orig["test"]
     tx, ty = feats["train"][tm], torch.as_tensor(ys("train", tm))
     gx, gy = feats["train"][tom].numpy(), ys("train", tom)
     vx, vy = feats["val"][vm].numpy(), ys("val", vm)
     sx, sy = feats["test"][sm].numpy(), ys("test", sm)
-    hx = (torch.cat([feats[sp][orig(sp) & ~keep(sp)] for sp in ("train", "val", "test")]).numpy() if held
-          else np.zeros((0, vx.shape[1]), np.float32))
+    hx = lo.heldout().numpy() if held else np.zeros((0, vx.shape[1]), np.float32)
     rulings = [s.rrdc_no for s, k in zip(samples["val"], vm) if k]
     half = np.array([zlib.crc32(r.encode()) % 2 for r in rulings])
-    n = len(remap)
+    n = lo.classes
     # final model: training + all of 2018
-    final = train_head(torch.cat([tx, torch.as_tensor(vx)]), torch.cat([ty, torch.as_tensor(vy)]), n, seed=seed)
+    final = common.train_head(torch.cat([tx, torch.as_tensor(vx)]), torch.cat([ty, torch.as_tensor(vy)]), n,
+                              seed=seed)
     fgx, fgy = np.concatenate([gx, vx]), np.concatenate([gy, vy])
-    out = {}
+    out, cal = {}, common.calibration_settings()
     # reference answers on 2018: "before" (train only) and "crossfit" (train + the other half)
-    head0 = train_head(tx, ty, n, seed=seed)
+    head0 = common.train_head(tx, ty, n, seed=seed)
     refs = {"before": scored(head0, gx, gy, vx)}
     rmd_cf, lg_cf = np.zeros(len(vx), np.float32), np.zeros((len(vx), n), np.float32)
     for h in (0, 1):
         other = half != h
-        hh = train_head(torch.cat([tx, torch.as_tensor(vx[other])]), torch.cat([ty, torch.as_tensor(vy[other])]), n,
-                        seed=seed)
+        hh = common.train_head(torch.cat([tx, torch.as_tensor(vx[other])]),
+                               torch.cat([ty, torch.as_tensor(vy[other])]), n, seed=seed)
         r, lg = scored(hh, np.concatenate([gx, vx[other]]), np.concatenate([gy, vy[other]]), vx[half == h])
         rmd_cf[half == h], lg_cf[half == h] = r, lg
     refs["crossfit"] = (rmd_cf, lg_cf)
-    fg = unknown.UnknownScorer("rmd", 0.0, unknown.gaussians(fgx, fgy))  # hsflow's defaults
+    final_gauss = unknown.gaussians(fgx, fgy)  # hsflow's defaults
     with torch.no_grad():
         s_lg, h_lg = final(torch.as_tensor(sx)).numpy(), final(torch.as_tensor(hx)).numpy()
-    s_rmd, h_rmd = fg.rmd(sx), fg.rmd(hx)
     for name, (v_rmd, v_lg) in refs.items():
-        t = temperature(torch.as_tensor(v_lg), torch.as_tensor(vy))
-        sm_ = unknown.UnknownScorer("msp", 0.0, {}, t)
-        v_msp = sm_.msp(v_lg)
-        q = lambda ref, a: unknown.quantile(np.sort(ref), a)  # noqa: E731
-        fuse = lambda r, lg: (q(v_rmd, r) + q(v_msp, sm_.msp(lg))) / 2  # noqa: E731
-        v_score, s_score, h_score = fuse(v_rmd, v_lg), fuse(s_rmd, s_lg), fuse(h_rmd, h_lg)
+        t = common.temperature(v_lg, vy)
+        scorer = common.fused(final_gauss, v_rmd, v_lg, t)  # make train's fused score, this reference's quantiles
+        v_score, s_score, h_score = scorer.reference["score"], scorer.score(sx, s_lg), scorer.score(hx, h_lg)
         vp, sp_, hp = unknown.softmax(v_lg, t), unknown.softmax(s_lg, t), unknown.softmax(h_lg, t)
         right = sp_.argmax(1) == sy
         for rate in (0.0, 0.1, 0.2):
             u = unknown.fit_threshold(v_score, rate) if rate else np.inf
             for delta in (0.1, 0.2):
-                r = calibration.fit_review_threshold(vp, vy, {**CAL, "delta": delta}, None, v_score <= u)
+                r = calibration.fit_review_threshold(vp, vy, {**cal, "delta": delta}, None, v_score <= u)
                 ok = calibration.unflagged(sp_.max(1), r, s_score > u)
                 hok = calibration.unflagged(hp.max(1), r, h_score > u) if len(hx) else np.zeros(0, bool)
                 vok = calibration.unflagged(vp.max(1), r, v_score > u)
@@ -105,8 +95,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     args = ap.parse_args()
-    feats, samples, classes, cfg, _ = features([])
-    sets = {"full": set(), "choice": set(choice_codes(Path(cfg.paths.raw_store))), "report": set(REPORT)}
+    feats, samples, classes, cfg, _ = common.features([])
+    sets = {"full": set(), "choice": set(common.choice_codes(Path(cfg.paths.raw_store))), "report": set(common.REPORT)}
     result = {}
     for name, held in sets.items():
         for seed in args.seeds:
@@ -114,7 +104,7 @@ def main() -> None:
             for k, v in r.items():
                 if isinstance(v, dict) and "_d0.2" in k:
                     print(name, seed, k, json.dumps(v), flush=True)
-            (ROOT / "bench" / "crossfit_eval.json").write_text(json.dumps(result, indent=1))
+            (ROOT / "studies" / "crossfit_eval.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Can anything cheap move the safety frontier? An offline experiment on the feature cache (issue 25, fourth round).
 
-    .venv/bin/python bench/safety_frontier.py [--seeds 42 43 44] [--sets choice report full] [--variants ...]
+    .venv/bin/python studies/safety_frontier.py [--seeds 42 43 44] [--sets choice report full] [--variants ...]
 
 Issue 25 asks two things of make train's default that pull against each other: >= 65 % of 2019 answered unflagged,
 and <= 35 % of held-out codes' photos answered unflagged. Both follow the review threshold; this script asks whether a
@@ -20,9 +20,9 @@ then applied to the final head on 2019 and on every photo of the held-out codes.
 - `mixture_outliers`: outlier exposure with virtual outliers: each batch also carries mixtures of two photos'
   features of different codes (weights 0.3-0.7), trained towards the uniform answer (weight 0.5).
 
-The CHOICE codes choose (bench/safety_eval.py); REPORT codes and 2019 are read only; `full` (no codes held out)
-shows what coverage make train's setting would give. Output: bench/safety_frontier.json, its table of means and
-bench/safety_frontier.png (beside make train's own runs from bench/safety_results*.json); read in docs/unknown.md.
+The CHOICE codes choose (studies/common.py); REPORT codes and 2019 are read only; `full` (no codes held out)
+shows what coverage make train's setting would give. Output: studies/safety_frontier.json, its table of means and
+studies/safety_frontier.png (beside make train's own runs from studies/safety_results*.json); read in docs/unknown.md.
 `--plot` redraws the table and the figure from the JSON without training anything.
 """
 from __future__ import annotations
@@ -35,17 +35,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))  # hsflow and studies.common from this checkout
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hsflow.models import calibration, unknown  # noqa: E402
-from safety_eval import REPORT, choice_codes  # noqa: E402
-from unknown_sweep import features, temperature  # noqa: E402
+from studies import common  # noqa: E402
 
-CAL = {"method": "clopper_pearson", "delta": 0.2, "target_precision": 0.95}
 HEADS = {"single": {}, "ensemble3": {"members": 3}, "no_smoothing": {"smoothing": 0.0},
          "mixture_outliers": {"outliers": 0.5}}
 GATES = (0.2, 0.3, 0.4)
@@ -109,17 +106,16 @@ def mixture_loss(m: Heads, xb, yb) -> torch.Tensor:
 
 def arrays(feats, samples, classes, held: set[str]) -> dict:
     """Training (with copies), Gaussian training (originals), 2018, 2019 and held-out photos, labels remapped."""
-    keep = {sp: np.array([classes[s.label] not in held for s in samples[sp]]) for sp in samples}
-    orig = {sp: np.array([s.view == 0 for s in samples[sp]]) for sp in samples}
-    remap = {c: i for i, c in enumerate(c for c in classes if c not in held)}
+    lo = common.LeftOut(feats, samples, classes, held)
+    keep, orig = lo.known, lo.orig
 
     def xy(sp, mask):
-        return feats[sp][mask], np.array([remap[classes[s.label]] for s, k in zip(samples[sp], mask) if k])
+        return feats[sp][mask], lo.y(sp, mask)
 
     out = {"train": xy("train", keep["train"]), "gauss": xy("train", keep["train"] & orig["train"]),
            "val": xy("val", keep["val"] & orig["val"]), "test": xy("test", keep["test"] & orig["test"]),
-           "classes": len(remap)}
-    out["held"] = torch.cat([feats[sp][orig[sp] & ~keep[sp]] for sp in samples]).numpy() if held else None
+           "classes": lo.classes}
+    out["held"] = lo.heldout(list(samples)).numpy() if held else None
     return out
 
 
@@ -137,7 +133,7 @@ def answers(a: dict, seed: int, head: dict) -> dict:
     with torch.no_grad():
         lg = {"val": before(torch.as_tensor(vx)).numpy(), "test": final(torch.as_tensor(sx)).numpy(),
               "held": final(torch.as_tensor(hx)).numpy()}
-    t = temperature(torch.as_tensor(lg["val"]), torch.as_tensor(vy))
+    t = common.temperature(lg["val"], vy)
     # make train's own fit: validation scored by Gaussians of the training photos, the shipped ones learn 2018 too
     scorer = unknown.fit(gx, gy, vx, lg["val"], t, "rmd_msp", 0.10, val_labels=vy)
     fused = {"val": scorer.reference["score"], "test": scorer.score(sx, lg["test"]),
@@ -159,10 +155,11 @@ def rules(ans: dict, names: list[str]) -> dict:
 
     out = {}
     u = unknown.fit_threshold(f["val"], 0.10)
-    r = calibration.fit_review_threshold(p["val"], y["val"], CAL, None, f["val"] <= u)
+    cal = common.calibration_settings()
+    r = calibration.fit_review_threshold(p["val"], y["val"], cal, None, f["val"] <= u)
     out["shipped"] = figures({sp: calibration.unflagged(p[sp].max(1), r, f[sp] > u) for sp in ("test", "held")}, u)
     if "all" in names:
-        r_all = calibration.fit_review_threshold(p["val"], y["val"], CAL)
+        r_all = calibration.fit_review_threshold(p["val"], y["val"], cal)
         for rate in GATES:
             u = unknown.fit_threshold(f["val"], rate)
             out[f"all@{rate}"] = figures({sp: calibration.unflagged(p[sp].max(1), r_all, f[sp] > u)
@@ -170,16 +167,16 @@ def rules(ans: dict, names: list[str]) -> dict:
     if "fused_rank" in names:
         order = np.argsort(f["val"], kind="stable")  # least unknown first: most confident
         thr = calibration.bound_on_ranking(-f["val"][order], right["val"][order].astype(float),
-                                           CAL["target_precision"], CAL["delta"], sequential=False)
+                                           cal["target_precision"], cal["delta"], sequential=False)
         out["fused_rank"] = figures({sp: -f[sp] >= thr for sp in ("test", "held")})
     return out
 
 
 def lightning_points() -> dict:
-    """(2019 coverage, held-out unflagged) of make train's own runs (bench/safety_eval.sh, seeds 42-44): every row
+    """(2019 coverage, held-out unflagged) of make train's own runs (studies/safety_eval.sh, seeds 42-44): every row
     of their trade-off tables (unknown rate x review method), and the shipped setting's."""
     out = {}
-    for path in sorted((ROOT / "bench").glob("safety_results*.json")):
+    for path in sorted((ROOT / "studies").glob("safety_results*.json")):
         tradeoff = json.loads(path.read_text())["tradeoff"]
         for name in ("choice", "report"):
             for r in tradeoff[name]["rows"]:
@@ -253,7 +250,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     ap.add_argument("--sets", nargs="+", default=["choice", "report", "full"])
     ap.add_argument("--variants", nargs="+", default=list(HEADS))
-    ap.add_argument("--out", default=str(ROOT / "bench" / "safety_frontier.json"))
+    ap.add_argument("--out", default=str(ROOT / "studies" / "safety_frontier.json"))
     ap.add_argument("--plot", action="store_true", help="only redraw the table and figure from --out")
     args = ap.parse_args()
     if args.plot:
@@ -262,8 +259,9 @@ def main() -> None:
         plot(rows, Path(args.out).with_suffix(".png"))
         return
     torch.set_num_threads(2)
-    feats, samples, classes, cfg, _ = features([])
-    held_sets = {"full": set(), "choice": set(choice_codes(Path(cfg.paths.raw_store))), "report": set(REPORT)}
+    feats, samples, classes, cfg, _ = common.features([])
+    held_sets = {"full": set(), "choice": set(common.choice_codes(Path(cfg.paths.raw_store))),
+                 "report": set(common.REPORT)}
     out = Path(args.out)
     rows = json.loads(out.read_text()) if out.exists() else []  # a rerun of some rows replaces just those
     for name in args.sets:

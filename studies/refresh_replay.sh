@@ -3,9 +3,9 @@
 # up to 2018, they are crawled and refreshed (window 2018: the first champion); then the portal serves 2019 too, the
 # second crawl fetches only those, the second refresh decides on 2019; a third refresh with a weakened configuration
 # (one epoch) must leave the champion. Then `mlflow server` on 127.0.0.1 and headless Chromium screenshots of the
-# registry and the refresh run -> docs/refresh_*.png (bench/refresh_screenshots.py; needs Debian's chromium).
+# registry and the refresh run -> docs/refresh_*.png (tools/refresh_screenshots.py; needs Debian's chromium).
 # Everything goes to REPLAY_DIR (default: a new temporary folder, kept); the feature cache is CACHE (default cache/).
-# Usage: bash bench/refresh_replay.sh [PORT]
+# Usage: bash studies/refresh_replay.sh [PORT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -40,5 +40,5 @@ setsid .venv/bin/mlflow server --backend-store-uri "$MLFLOW_TRACKING_URI" --host
 SERVER=$!
 trap 'kill -- -$SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 1; done
-$PY bench/refresh_screenshots.py --url "http://127.0.0.1:$PORT" --out docs
+$PY tools/refresh_screenshots.py --url "http://127.0.0.1:$PORT" --out docs
 echo "replay store: $DIR"

@@ -1,8 +1,8 @@
-"""Screenshots of the refresh loop in MLflow's UI (headless Chromium, by URL route only, as bench/ui_screenshots.py):
+"""Screenshots of the refresh loop in MLflow's UI (headless Chromium, by URL route only, as tools/ui_screenshots.py):
 the registered model's page (versions, aliases, tags), the newest version's page (its description: window, figures
 side by side, decision; its tags) and the last promoting refresh run (its description and figures).
 
-Run by bench/refresh_replay.sh, which replays the loop into a tracking store and starts `mlflow server`.
+Run by studies/refresh_replay.sh, which replays the loop into a tracking store and starts `mlflow server`.
 """
 from __future__ import annotations
 
