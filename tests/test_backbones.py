@@ -113,8 +113,13 @@ def test_a_backbone_in_a_yaml_alone_trains_logs_exports_and_answers(tiny_store, 
     assert run.data.params["model.name"] == "tiny_convnet"
     assert run.data.params["model.net._target_"] == "tiny_backbone.TinyConvNet"
     assert len(client.search_runs([run.info.experiment_id])) == 1
-    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/model", tracking_uri=uri,
-                                                      dst_path=str(tmp_path / "dl")))
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # runs:/ of a logged model resolves through the current tracking store
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/model",
+                                                          dst_path=str(tmp_path / "dl")))
+    finally:
+        mlflow.set_tracking_uri(before)
     meta = json.loads(next(folder.rglob("meta.json")).read_text())
     assert meta["net"] == TINY_NET and meta["backbone"] == "tiny_convnet"
     assert next(folder.rglob("network.onnx")).is_file() and next(folder.rglob(f"{CODE}/tiny_backbone.py")).is_file()
