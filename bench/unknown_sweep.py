@@ -24,7 +24,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
+from hsflow.models.classifier import head_from_spec  # noqa: E402
 from hsflow.training import stages  # noqa: E402
 
 from hsflow.models import unknown
@@ -44,8 +46,9 @@ def features(overrides: list[str]) -> tuple[dict, dict, list[str], object, objec
 
 def train_head(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int = 20, seed: int = 42) -> torch.nn.Module:
     torch.manual_seed(seed)
-    head = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(x.shape[1], 512), torch.nn.ReLU(),
-                               torch.nn.Dropout(0.5), torch.nn.Linear(512, classes))
+    # make train's own head (hsflow.models.classifier), shaped as the recommended experiment sets it: it follows
+    # a change there (same layers, in the same order, as the copy it replaced: the same draws from the seed).
+    head = head_from_spec(x.shape[1], classes, OmegaConf.load(ROOT / "conf/experiment/recommended.yaml").model.head)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     steps = epochs * ((len(x) + 31) // 32)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
