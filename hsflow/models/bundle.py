@@ -15,7 +15,10 @@ network or saves it, so a folder with network.onnx loads and answers without tor
 the unknown score and the review rule are hsflow.models.unknown's and hsflow.models.calibration's).
 
 Loading never unpickles arbitrary objects: meta is JSON and the weights load with `torch.load(weights_only=True)`
-into a network rebuilt from the backbone registry (no download: the weights file holds every parameter).
+into a network rebuilt from the backbone class meta.json names (no download: the weights file holds every parameter).
+That class must subclass hsflow.models.backbones.Backbone; when its module lies outside hsflow, the folder carries a
+copy (`backbone_code/`) which loading imports where the module is not installed: as with MLflow's code_paths, load
+models only from sources you trust.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
     from hsflow.models.unknown import UnknownScorer
 
 WEIGHTS, META, ONNX = "weights.pt", "meta.json", "network.onnx"
+CODE = "backbone_code"  # the module of a backbone class defined outside hsflow, carried by the model (docs/backbones.md)
 
 
 @dataclass
@@ -76,12 +80,28 @@ class HSModel:
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(self.net.state_dict(), folder / WEIGHTS)
         meta = {k: v for k, v in self.meta.items() if k != "unknown"}
-        files = [folder / WEIGHTS, folder / META] + self.export(folder)
+        files = [folder / WEIGHTS, folder / META] + self.export(folder) + self.save_code(folder)
         if self.unknown is not None:
             meta["unknown"] = self.unknown.meta()
             files.append(self.unknown.save(folder))
         (folder / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
         return files + (self.precedents.save(folder) if self.precedents else [])
+
+    def save_code(self, folder: Path) -> list[Path]:
+        """A copy of the module defining the backbone class when it is not hsflow's (`<folder>/backbone_code/`,
+        as its import path): the model rebuilds its network where that module is not installed."""
+        import shutil
+
+        from hsflow.models.backbones import module_file
+
+        found = module_file(self.meta["net"]) if self.meta.get("net") else None
+        if found is None:
+            return []
+        module, source = found
+        target = folder / CODE / Path(*module.split(".")).with_suffix(".py")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        return [folder / CODE]
 
     @classmethod
     def load(cls, folder: Path) -> "HSModel":
@@ -236,7 +256,7 @@ def _torch_network(meta: dict, folder: Path, needed: bool):
             raise ImportError(f"{folder}: this model has no usable {ONNX}, and torch is not installed to run "
                               f"{WEIGHTS}") from None
         return None
-    net = build_network(meta)
+    net = build_network(meta, folder / CODE)
     net.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
     return net.eval()
 

@@ -41,7 +41,8 @@ from hsflow.data.datamodule import HSDataModule
 from hsflow.data.loading import PhotoDataset, default_workers
 from hsflow.data.transforms import Augmenter, Mirror, OnlineAugmenter, build_preprocess, preprocess_spec, spec_id
 from hsflow.data.features import FeatureCache, extract
-from hsflow.models.backbones import SplitNet, build_backbone, check_join, split_backbone
+from hsflow.models.backbones import SplitNet, backbone_from_config, build_backbone, check_join, net_spec, \
+    split_backbone, target_class
 from hsflow.models.classifier import VAL_TOP1, HSClassifier, head_from_spec, head_spec
 from hsflow.models.network import assemble
 from hsflow.core.timing import EpochTimer, StageClock
@@ -128,6 +129,8 @@ def setup(ctx: RunContext) -> None:
         raise ValueError(f"features={cfg.features!r}: choose cached or naive")
     if cfg.unknown.get("normalize", unknown.NORMALIZE) not in ("l2", "none"):  # before minutes of work, not after
         raise ValueError(f"unknown.normalize={cfg.unknown.normalize!r}: choose l2 or none")
+    if net_spec(cfg.model):  # a backbone class that does not import fails here, before the dataset is built
+        target_class(net_spec(cfg.model))
     if int(cfg.refit.val_weight) < 1:
         raise ValueError(f"refit.val_weight={cfg.refit.val_weight!r}: give 1 or more (times a validation photo counts)")
     ctx.device = device_of(cfg)
@@ -159,7 +162,8 @@ def network(ctx: RunContext) -> None:
     ctx.pre = preprocess_spec(ctx.cfg.model)
     model, concat = ctx.cfg.model, list(ctx.cfg.model.get("concat") or [])
     check_join(model.name, concat)  # before any weights load: a torchvision name would try to fetch them first
-    bb, *joined = (build_backbone(name, model.pretrained, model.allow_download) for name in (model.name, *concat))
+    bb = backbone_from_config(model)  # `model.net`: its `_target_` class (hsflow.models.backbones)
+    joined = [build_backbone(name, model.pretrained, model.allow_download) for name in concat]
     ctx.net = split_backbone(bb, model.unfreeze, spec_id(ctx.pre), joined)
 
 
@@ -623,8 +627,9 @@ def precedent_index(ctx: RunContext) -> tuple[precedents.PrecedentIndex, float]:
 def model_meta(ctx: RunContext) -> dict:
     """meta.json of the saved model: what rebuilds the network and every fact an answer or an audit needs."""
     cfg = ctx.cfg
-    return {"backbone": cfg.model.name, "unfreeze": cfg.model.unfreeze, "concat": list(cfg.model.get("concat") or []),
-            "head": head_spec(cfg.model.head),
+    net = {"net": net_spec(cfg.model)} if net_spec(cfg.model) else {}  # the class and arguments that rebuild it
+    return {"backbone": cfg.model.name, **net, "unfreeze": cfg.model.unfreeze,
+            "concat": list(cfg.model.get("concat") or []), "head": head_spec(cfg.model.head),
             "classes": ctx.spec.classes, "preprocess": ctx.pre, "tta": bool(cfg.tta), **ctx.calibration,
             "run_id": ctx.run_id, "dataset": ctx.spec.name, "dataset_fingerprint": ctx.summary["fingerprint"],
             "split_protocol": ctx.spec.protocol, "refit": bool(cfg.refit.enabled),

@@ -37,7 +37,8 @@ VIEW_COLUMNS = ["metrics.`curves/top1_val`", "metrics.`test/top1`", "metrics.`te
 # (MLflow `code_paths`: <model>/code/hsflow), so the model installs away from the checkout it was trained in. A model
 # with network.onnx answers without torch (ONNX Runtime, numpy: hsflow.models.bundle); one whose export failed needs torch.
 SERVED_PACKAGES = ("onnxruntime", "numpy", "pillow", "tqdm", "omegaconf")
-TORCH_PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "efficientnet_lite_pytorch")
+TORCH_PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "efficientnet_lite_pytorch",
+                  "hydra-core")  # instantiates the backbone class meta.json names
 
 
 def pip_requirements(with_torch: bool = False) -> list[str]:
