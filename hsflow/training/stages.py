@@ -224,8 +224,10 @@ def fit(ctx: RunContext) -> None:
     """Lightning's fit on the training rulings, validated each epoch on the validation rulings. Under DDP the other
     processes start here and leave after it; rank zero goes on alone, on one device."""
     cfg = ctx.cfg
+    # Rank zero alone: under torchrun or srun the other ranks get here at the same moment, and their MLflow client
+    # would race rank zero's in creating a new sqlite store (Lightning logs from rank zero only anyway).
     logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri,
-                          run_id=ctx.run_id)  # other DDP ranks: never used (Lightning logs from rank zero only)
+                          run_id=ctx.run_id) if ctx.rank_zero else False
     # Every epoch replaces the one checkpoint (last.ckpt links to it): a kill loses at most the epoch in flight.
     checkpoint = ModelCheckpoint(dirpath=ctx.checkpoint_dir(), save_last="link", save_top_k=1, every_n_epochs=1)
     epochs = EpochTimer()
