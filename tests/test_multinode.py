@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port, tiny_overrides
+from hsflow.data.features import FeatureCache
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 NODES = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2",
@@ -79,3 +80,14 @@ def test_two_nodes_split_the_extraction_and_match_one_process(tiny_run, session_
     timings = client.download_artifacts(runs[0].info.run_id, "timings.json", str(tmp_path))
     features = next(s for s in json.loads(Path(timings).read_text())["stages"] if s["stage"] == "features")
     assert features["shares"] == 2 and features["extracted"] == counts[0][0]  # rank zero's own share, logged
+
+
+def test_the_wait_reads_other_processes_shards_and_names_what_is_missing(tmp_path):
+    """The barrier in-process: a second FeatureCache on the same folder (another rank) sees the first one's shard
+    once written, and a share that never comes ends with one line, not a hang."""
+    mine, other = FeatureCache(tmp_path, "x"), FeatureCache(tmp_path, "x")
+    other.add(["a", "b"], torch.ones(2, 3))
+    mine.wait_for(["a", "b"], stall_s=5)
+    assert torch.equal(mine.items["b"], torch.ones(3)) and mine.added == 0 and other.added == 2
+    with pytest.raises(TimeoutError, match="1 photos' features still missing after 0 s without a new shard"):
+        mine.wait_for(["a", "c"], stall_s=0.2, poll_s=0.05)
