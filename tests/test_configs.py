@@ -121,3 +121,12 @@ def test_the_slurm_launcher_runs_one_task_per_device():
     cfg = compose_cfg("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4")
     assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4
     assert compose_cfg("hydra/launcher=slurm").hydra.launcher.tasks_per_node == 1  # trainer=default: one device
+
+
+def test_the_slurm_launcher_asks_for_the_trainers_nodes():
+    """`trainer.num_nodes=2` is one value for both: Lightning's node count and the nodes the Slurm job asks for."""
+    cfg = compose_cfg("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2")
+    assert cfg.hydra.launcher.nodes == 2 and cfg.trainer.num_nodes == 2
+    assert compose_cfg("hydra/launcher=slurm").hydra.launcher.nodes == 1
+    for name in ("default", "cpu", "gpu", "ddp"):
+        assert compose_cfg(f"trainer={name}").trainer.num_nodes == 1

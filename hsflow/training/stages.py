@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
@@ -81,6 +82,8 @@ class RunContext:
     scored: dict = field(default_factory=dict)       # split -> every unknown score component (originals in order)
     embeddings: dict = field(default_factory=dict)   # split -> (original samples, embeddings) under the final model
     marks: dict = field(default_factory=dict)        # perf_counter when preparing and fitting ended
+    share: tuple[int, int] = (0, 1)                  # (rank, processes) splitting the feature extraction
+    extraction: dict = field(default_factory=dict)   # photos this process extracted, of how many, in how many shares
 
     def checkpoint_dir(self) -> Path:
         """Where each epoch's checkpoint goes: the run's output folder, or the resumed run's own."""
@@ -139,6 +142,7 @@ def setup(ctx: RunContext) -> None:
         raise ValueError(f"num_workers={cfg.num_workers!r}: give 0 or more decoding processes, or null for automatic")
     ctx.workers = workers
     ctx.rank_zero = rank_zero_only.rank == 0  # from the environment Lightning's DDP launcher gives its processes
+    ctx.share = extraction_share()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     mlflow.set_tracking_uri(str(cfg.logger.tracking_uri))
     if cfg.get("resume"):
@@ -183,7 +187,7 @@ def data(ctx: RunContext) -> None:
         # Validation joins training as plain views (its mirrored TTA copy is a test-time device only).
         val_plain = feats["val"][:, 0] if ctx.cfg.tta else feats["val"]
         ctx.refit_train = ConcatDataset([ctx.dm.splits["train"]] + [TensorDataset(val_plain, labels["val"])] * weight)
-        ctx.clock.mark("features")
+        ctx.clock.mark("features", **ctx.extraction)
         return
     augmenter, resize = augmenter_of(ctx), ctx.pre["resize"]
     preprocess = build_preprocess(ctx.pre)
@@ -224,8 +228,10 @@ def fit(ctx: RunContext) -> None:
     """Lightning's fit on the training rulings, validated each epoch on the validation rulings. Under DDP the other
     processes start here and leave after it; rank zero goes on alone, on one device."""
     cfg = ctx.cfg
+    # Rank zero alone: under torchrun or srun the other ranks get here at the same moment, and their MLflow client
+    # would race rank zero's in creating a new sqlite store (Lightning logs from rank zero only anyway).
     logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri,
-                          run_id=ctx.run_id)  # other DDP ranks: never used (Lightning logs from rank zero only)
+                          run_id=ctx.run_id) if ctx.rank_zero else False
     # Every epoch replaces the one checkpoint (last.ckpt links to it): a kill loses at most the epoch in flight.
     checkpoint = ModelCheckpoint(dirpath=ctx.checkpoint_dir(), save_last="link", save_top_k=1, every_n_epochs=1)
     epochs = EpochTimer()
@@ -455,8 +461,9 @@ def cached_features(ctx: RunContext) -> dict[str, torch.Tensor]:
     cfg, net = ctx.cfg, ctx.net
     cache, preprocess, augmenter = FeatureCache(cfg.paths.cache_dir, net.cache_id), build_preprocess(ctx.pre), \
         augmenter_of(ctx)
+    rank, world = ctx.share
     common = dict(batch_size=int(cfg.batch_size), num_workers=ctx.workers, device=ctx.device,
-                  draft_size=ctx.pre["resize"], runtime=str(cfg.get("runtime") or "onnx"))
+                  draft_size=ctx.pre["resize"], runtime=str(cfg.get("runtime") or "onnx"), rank=rank, world=world)
     feats = {}
     for sp in SPLITS:
         samples = ctx.spec.split(sp)
@@ -466,7 +473,23 @@ def cached_features(ctx: RunContext) -> dict[str, torch.Tensor]:
             mirrored = extract([replace(s, view=-1) for s in samples], net.prefix, preprocess, cache,
                                augmenter=Mirror(), desc=f"mirror {sp}", **common)
             feats[sp] = torch.stack([feats[sp], mirrored], dim=1)
+    ctx.extraction = {"extracted": cache.added, "photos": len(cache.wanted), "shares": world}
+    if world > 1:
+        log.info("rank %d/%d: extracted %d of %d photos into the shared cache %s", rank, world, cache.added,
+                 len(cache.wanted), cache.dir)
     return feats
+
+
+def extraction_share() -> tuple[int, int]:
+    """(rank, processes) for splitting the feature extraction: from torchrun's or Slurm's environment, the ones
+    Lightning's DDP reads, so the split agrees with the process group the fit forms. Processes there all start at
+    once. Lightning's own launcher (`trainer=ddp` on one machine, no torchrun) starts the others inside the fit,
+    after rank zero extracted everything: (0, 1) there, and in one process."""
+    for env in (TorchElasticEnvironment, SLURMEnvironment):  # Lightning's order of precedence
+        if env.detect():
+            found = env()
+            return found.global_rank(), found.world_size()
+    return 0, 1
 
 
 def make_module(cfg: DictConfig, net: SplitNet, num_classes: int, prefix, suffix=None) -> HSClassifier:
