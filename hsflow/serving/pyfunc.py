@@ -35,17 +35,19 @@ SCORING_SERVER_ENV = "__pyfunc_model_path__"  # set by MLflow's scoring server (
 # may; served_as: the registered version being served ({registered_model, version, aliases}: hsflow.serve sets it).
 MODEL_CONFIG = {"read_paths": None, "served_as": {}}
 RESULTS = ("records", "json")
-# One HSModel a process and folder: spark_udf loads the pyfunc again for every task in the same Python worker.
-_LOADED: dict[str, object] = {}
 
 
 def _load(folder: Path):
-    from hsflow.models.bundle import HSModel
+    """The model, once a process and folder (spark_udf loads the pyfunc again for every task in the same Python
+    worker). The cache lives in hsflow.models.bundle: MLflow executes this file afresh at each load, so a dict here
+    would be empty every time."""
+    from hsflow.models import bundle
 
+    cache = bundle.__dict__.setdefault("_LOADED_ONCE", {})
     key = str(folder.resolve())
-    if key not in _LOADED:
-        _LOADED[key] = HSModel.load(folder)
-    return copy.copy(_LOADED[key])  # its own `source`, the same network and indexes
+    if key not in cache:
+        cache[key] = bundle.HSModel.load(folder)
+    return copy.copy(cache[key])  # its own `source`, the same network and indexes
 
 
 def photo_bytes(value) -> bytes:
