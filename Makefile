@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: install train refresh test test-fast bench bench-scale ui serve review crawl-demo server server-stop clean
+.PHONY: install train refresh test test-fast bench bench-scale ui serve review score crawl-demo server server-stop clean
 
 # Re-install only when the project's requirements change.
 .venv/.installed: pyproject.toml
@@ -47,6 +47,9 @@ ui: install               ## MLflow UI over the project's tracking store on http
 
 serve: install            ## the champion (else the latest make-train model) as a REST service: POST base64 photos to http://127.0.0.1:5001/invocations
 	$(PY) -m hsflow.serve $(ARGS)
+
+score: install            ## a batch of photos scored on Spark (or --engine local): ARGS="--output out.jsonl DIR..." (docs/recommend.md)
+	$(PY) -m hsflow.score $(ARGS)
 
 review: install           ## the review page over the champion (else the latest make-train model) on http://127.0.0.1:8000
 	$(PY) -m hsflow.review $(ARGS)

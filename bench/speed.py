@@ -6,6 +6,10 @@
                  memory, same batch size: what the input pipeline costs
     c. decode    photos/s of the input pipeline alone (decode with JPEG draft + preprocess, DataLoader workers)
     d. crawl     crawler rulings/s against the local portal stand-in with throttling off
+    f. batch     (--only batch) the same --batch-photos photos through `hsflow.score --engine local`, `--engine
+                 spark` at local[1] and local[2], and `make serve` (6 concurrent one-photo clients) on one logged
+                 model (--batch-model; default: the champion, else the latest make-train model): photos/s once
+                 started (n photos minus a 1-photo run: the fixed start-up cost, stated apart)
     e. runtimes  photos/s of the frozen prefixes (Lite0, Lite1, Lite2, make train's joined Lite1 + Lite0) at batch 1
                  and 32 in torch eager, torch channels-last, ONNX Runtime, OpenVINO (when installed) and, with
                  --compile, torch.compile (inductor; a minute or more of compiling per prefix and batch size, not
@@ -267,6 +271,54 @@ def runtimes_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _score_s(model: str, folder: Path, out: Path, *args: str) -> float:
+    """Wall-clock seconds of one `python -m hsflow.score` run over `folder` (every photo must be answered)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "hsflow.score", "--model", model, "--output", str(out), *args,
+                           str(folder)], cwd=ROOT_DIR, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return time.perf_counter() - t0
+
+
+def bench_batch(model: str, n: int, tmp: Path) -> dict:
+    """f. One batch of n photos through each door; a 1-photo run of each gives its fixed start-up cost."""
+    sys.path.insert(0, str(ROOT_DIR / "bench"))
+    from serve_latency import measure
+
+    files = _photos(n) * (n // len(_photos(n)) + 1)
+    many, one = tmp / "many", tmp / "one"
+    for i, f in enumerate(files[:n]):  # repeated to n when the demo has fewer: each a file of its own
+        (many / str(i % 10)).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, many / str(i % 10) / f"{i}_{f.name}")
+    one.mkdir()
+    shutil.copy(files[0], one / files[0].name)
+    out: dict = {"batch_photos": n, "batch_model": model}
+    for name, args in [("local", ["--engine", "local"]), ("spark_local1", ["--master", "local[1]"]),
+                       ("spark_local2", ["--master", "local[2]", "--partitions", "2"])]:
+        print(f"[batch] {name} ...", file=sys.stderr)
+        start_s = _score_s(model, one, tmp / "one.jsonl", *args)
+        total_s = _score_s(model, many, tmp / "many.jsonl", *args)
+        out |= {f"batch_{name}_startup_s": round(start_s, 1), f"batch_{name}_total_s": round(total_s, 1),
+                f"batch_{name}_photos_per_s": round(n / max(total_s - start_s, 1e-9), 1)}
+    print("[batch] make serve ...", file=sys.stderr)
+    served = measure(model, "onnx", files[:50], requests=5, concurrent=6, per_client=max(1, n // 6))
+    out |= {"batch_serve_photos_per_s": served["req_per_s_c6"], "batch_serve_startup_s": served["cold_start_ready_s"]}
+    out["batch_spark2_vs_local"] = round(out["batch_spark_local2_photos_per_s"] / out["batch_local_photos_per_s"], 2)
+    return out
+
+
+def batch_table(r: dict) -> str:
+    lines = ["| door (same photos, same model) | photos/s once started | fixed start-up (s) | wall, all photos (s) |",
+             "|---|---|---|---|"]
+    for name, label in [("local", "hsflow.score --engine local"), ("spark_local1", "hsflow.score --engine spark, "
+                        "local[1]"), ("spark_local2", "hsflow.score --engine spark, local[2], 2 partitions")]:
+        lines.append(f"| {label} | {r[f'batch_{name}_photos_per_s']} | {r[f'batch_{name}_startup_s']} | "
+                     f"{r[f'batch_{name}_total_s']} |")
+    lines.append(f"| make serve, 6 concurrent clients | {r['batch_serve_photos_per_s']} | "
+                 f"{r['batch_serve_startup_s']} (ready) | |")
+    return "\n".join(lines) + f"\n\n{r['batch_photos']} photos; local[2] / local: {r['batch_spark2_vs_local']}"
+
+
 def table(results: dict) -> str:
     rows = [("a", "naive / cached (cold cache) wall-clock", "cache_speedup", "x"),
             ("a", "naive / cached (warm cache) wall-clock", "cache_speedup_warm", "x"),
@@ -279,6 +331,7 @@ def table(results: dict) -> str:
     lines = ["| | measure | value |", "|---|---|---|"]
     lines += [f"| {k} | {label} | {results[key]}{unit} |" for k, label, key, unit in rows if key in results]
     parts = ["\n".join(lines)] if len(lines) > 2 else []
+    parts += [batch_table(results)] if "batch_local_photos_per_s" in results else []
     return "\n\n".join(parts + ([runtimes_table(results)] if "runtimes" in results else []))
 
 
@@ -291,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--archive", type=Path, default=SHARED_ARCHIVE if SHARED_ARCHIVE.is_dir()
                     else ROOT_DIR / "data" / "demo", help="what the crawler benchmark crawls")
-    ap.add_argument("--only", default="cache,recommend,crawl,runtimes", help="comma-separated subset")
+    ap.add_argument("--only", default="cache,recommend,crawl,runtimes,batch", help="comma-separated subset")
+    ap.add_argument("--batch-photos", type=int, default=1000, help="f. batch: photos (the demo's, repeated)")
+    ap.add_argument("--batch-model", default=None, help="f. batch: the logged model (runs:/..., models:/...)")
     ap.add_argument("--out", type=Path, default=ROOT_DIR / "bench" / "results.json")
     ap.add_argument("--compile", action="store_true",
                     help="runtimes: add torch.compile (inductor) beside eager and ONNX Runtime (minutes of compiling)")
@@ -310,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     if "crawl" in parts:
         print("[crawl] ...", file=sys.stderr)
         results |= bench_crawl(args.archive)
+    if "batch" in parts:
+        from hsflow.serving.registry import default_model_uri
+
+        with tempfile.TemporaryDirectory(prefix="hsflow-bench-") as tmp:
+            results |= bench_batch(args.batch_model or default_model_uri(), args.batch_photos, Path(tmp))
     if "runtimes" in parts:
         results |= bench_runtimes(compiled=args.compile)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # start, so hsflow's own commands restart themselves once with them set (before torch is imported). Library users
 # and test runners are left alone; HSFLOW_MALLOC=0 opts out.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-ENTRY_POINTS = {"hsflow.train", "hsflow.recommend", "hsflow.serve", "hsflow.review", "hsflow.refresh"}
+ENTRY_POINTS = {"hsflow.train", "hsflow.recommend", "hsflow.score", "hsflow.serve", "hsflow.review", "hsflow.refresh"}
 
 
 def _restart_with_heap_kept() -> None:

@@ -7,14 +7,17 @@ One row per photo, columns (all optional, one of `image`/`path` per row):
   name   what the answer calls an `image` photo (default: "row <n>"; a `path` row is called by its path)
   item   rows sharing an item are one recommendation from the mean of their probabilities (several photos of
          one product, like `hsflow.recommend --group-by folder`)
-Params: top_k (default 5), precedents (default: the model's own setting).
+Params: top_k (default 5), precedents (default: the model's own setting), result (default "records").
 
-Returns a list with, per photo (or item), exactly the JSON object `hsflow.recommend --format json` prints: the
-same function (`hsflow.recommend.iter_recommend`) makes both. A photo that cannot be used gets its `error` entry;
-the rest of the batch is answered.
+result "records": a list with, per photo (or item), exactly the JSON object `hsflow.recommend --format json`
+prints: the same function (`hsflow.recommend.iter_recommend`) makes both. result "json" (the logged output schema,
+what `mlflow.pyfunc.spark_udf(..., params={"result": "json"})` needs): a DataFrame with one string column `answer`,
+that object as the CLI's JSON line, exactly one row out per row in (`item` is ignored: group after scoring, as
+hsflow.score does in Spark). A photo that cannot be used gets its `error` entry; the rest of the batch is answered.
 """
 import base64
 import binascii
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -31,6 +34,20 @@ SCORING_SERVER_ENV = "__pyfunc_model_path__"  # set by MLflow's scoring server (
 # set only the keys a model was logged with. read_paths: None = the scoring server reads no path, in-process callers
 # may; served_as: the registered version being served ({registered_model, version, aliases}: hsflow.serve sets it).
 MODEL_CONFIG = {"read_paths": None, "served_as": {}}
+RESULTS = ("records", "json")
+
+
+def _load(folder: Path):
+    """The model, once a process and folder (spark_udf loads the pyfunc again for every task in the same Python
+    worker). The cache lives in hsflow.models.bundle: MLflow executes this file afresh at each load, so a dict here
+    would be empty every time."""
+    from hsflow.models import bundle
+
+    cache = bundle.__dict__.setdefault("_LOADED_ONCE", {})
+    key = str(folder.resolve())
+    if key not in cache:
+        cache[key] = bundle.HSModel.load(folder)
+    return copy.copy(cache[key])  # its own `source`, the same network and indexes
 
 
 def photo_bytes(value) -> bytes:
@@ -52,9 +69,7 @@ def _given(value) -> bool:
 
 class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from hsflow.models.bundle import HSModel
-
-        self.model = HSModel.load(Path(context.artifacts["meta.json"]).parent)
+        self.model = _load(Path(context.artifacts["meta.json"]).parent)
         config = context.model_config or {}
         # The registered version being served (hsflow.serve resolves the champion and passes it in the model
         # config), so every answer names it as the CLI's and the page's do.
@@ -62,8 +77,9 @@ class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
         read = config.get("read_paths")
         self.read_paths = bool(read) if read is not None else SCORING_SERVER_ENV not in os.environ
 
-    def inputs(self, model_input) -> list:
-        """A PhotoInput per row; a row that names no usable photo carries its error (answered in its place)."""
+    def inputs(self, model_input, grouped: bool = True) -> list:
+        """A PhotoInput per row; a row that names no usable photo carries its error (answered in its place).
+        grouped=False drops `item`: one answer a row."""
         import pandas as pd
 
         from hsflow.serving.recommend import PhotoInput
@@ -72,7 +88,7 @@ class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
             model_input = pd.DataFrame({"path": list(model_input)})
         rows = []
         for n, row in enumerate(model_input.to_dict("records")):
-            item = str(row["item"]) if _given(row.get("item")) else None
+            item = str(row["item"]) if grouped and _given(row.get("item")) else None
             if _given(row.get("image")):
                 name = str(row["name"]) if _given(row.get("name")) else f"row {n}"
                 try:
@@ -88,13 +104,21 @@ class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
         return rows
 
     def predict(self, context, model_input, params=None):
-        from hsflow.serving.recommend import as_json, iter_recommend
+        from hsflow.serving.recommend import as_json, iter_recommend, to_json
 
         params = params or {}
-        precedents = params.get("precedents")
-        return [as_json(rec) for rec in iter_recommend(
-            self.model, self.inputs(model_input), int(params.get("top_k") or 5), num_workers=0, progress=False,
-            precedents=None if precedents is None or int(precedents) < 0 else int(precedents))]
+        precedents, result = params.get("precedents"), params.get("result") or "records"
+        if result not in RESULTS:
+            raise ValueError(f"result={result!r}: choose one of {', '.join(RESULTS)}")
+        recs = iter_recommend(
+            self.model, self.inputs(model_input, grouped=result == "records"), int(params.get("top_k") or 5),
+            num_workers=0, progress=False,
+            precedents=None if precedents is None or int(precedents) < 0 else int(precedents))
+        if result == "records":
+            return [as_json(rec) for rec in recs]
+        import pandas as pd
+
+        return pd.DataFrame({"answer": [to_json(rec) for rec in recs]}, dtype=object)
 
 
 set_model(HSFlowPyfunc())

@@ -290,14 +290,18 @@ def log_confusion(pairs, classes: list[str], title: str = "test confusion matrix
 
 def signature():
     """What the served model takes: one row per photo (hsflow/serving/pyfunc.py), `image` as bytes (base64 in
-    JSON: MLflow's scoring server decodes a binary column of `dataframe_split`/`dataframe_records`)."""
+    JSON: MLflow's scoring server decodes a binary column of `dataframe_split`/`dataframe_records`). The output
+    schema is the `result: json` mode's one string column, so `mlflow.pyfunc.spark_udf` infers its result type
+    from it (without one its default, double, silently drops every answer); `records` (REST) returns the dicts."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False),
                        ColSpec("string", "name", required=False), ColSpec("string", "item", required=False)]),
-        params=ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("precedents", "long", -1)]))
+        outputs=Schema([ColSpec("string", "answer")]),
+        params=ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("precedents", "long", -1),
+                            ParamSpec("result", "string", "records")]))
 
 
 def input_example(model):

@@ -1,0 +1,212 @@
+"""`python -m hsflow.score [--engine spark|local] [--model URI] --output OUT DIR...`: a batch of photos scored.
+
+One answer a photo, the JSON object of `hsflow.recommend --format json` (the same function answers): OUT.jsonl
+holds one JSON line a photo; OUT.parquet columns image, outcome, error and answer (that JSON). A photo that cannot
+be used is an answer with its `error`; the rest of the batch goes on.
+
+--engine spark: Spark's `binaryFile` source reads the photos (recursively, image names only) and the logged MLflow
+model scores them through MLflow's own door, `mlflow.pyfunc.spark_udf` with `params={"result": "json"}` (the
+logged output schema: one string column), one row out per photo. Spark `local[2]` is the embedded default;
+`--master spark://host:7077` or `yarn` runs on a cluster. Each Spark task runs ONNX Runtime on one thread (Spark
+runs one task a core) over Arrow batches of at most --batch-size photos, and each Python worker loads the model
+once (hsflow.serving.pyfunc). `--env-manager virtualenv|uv` rebuilds the model's logged environment on each node;
+its input then crosses as JSON, so the photos go base64. --engine local: the same answers in this process.
+
+Exit status: 0 every photo answered, 1 some photo failed (its error row), 2 usage error (no photo folder, no
+model, no Java or pyspark for --engine spark).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from hsflow.core.runtime import THREADS_ENV
+from hsflow.serving.recommend import IMAGE_EXTS, _global_tracking_uri, default_model, expand, tracking_uri
+
+ENGINES = ("spark", "local")
+ENV_MANAGERS = ("local", "virtualenv", "uv")
+# binaryFile's pathGlobFilter is case-sensitive: both cases of every image extension hsflow.recommend reads.
+IMAGE_GLOB = "*.{" + ",".join(sorted(e[1:] for ext in IMAGE_EXTS for e in (ext, ext.upper()))) + "}"
+
+
+def spark_missing() -> str | None:
+    """Why Spark cannot start here, in one line saying what to install; None when it can."""
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        return "pyspark is not installed: pip install -e '.[spark]' (or use --engine local)"
+    java = Path(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") else shutil.which("java")
+    if not java or not Path(java).is_file():
+        return ("no Java runtime for Spark (needs Java 17+): apt-get install openjdk-17-jre-headless, or set "
+                "JAVA_HOME (or use --engine local)")
+    return None
+
+
+def spark_session(master: str, batch_size: int):
+    """An embedded or cluster Spark session for scoring: no UI, Arrow batches of at most `batch_size` photos."""
+    # pyspark 4.3 warns at every pandas UDF that it is not tested on pandas 3; hsflow's tests check its answers.
+    warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for hsflow's lines
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # local[N] binds the loopback only
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers: this environment, not the system's python3
+    from pyspark.sql import SparkSession
+
+    spark = (SparkSession.builder.master(master).appName("hsflow.score")
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")  # hsflow prints its own progress lines
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
+            .config("spark.sql.files.maxPartitionBytes", str(8 << 20))  # photos are small: spread them
+            .getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")  # Spark's INFO/WARN lines would drown hsflow's one-line errors
+    return spark
+
+
+def spark_answers(spark, uri: str, folders: list[str], args, served_as: dict):
+    """A DataFrame (image, answer) of one JSON answer a photo, scored by the logged model through spark_udf."""
+    import mlflow.pyfunc
+    from pyspark.sql import functions as F
+
+    photos = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+              .option("pathGlobFilter", IMAGE_GLOB).load(folders)
+              .select(F.regexp_replace("path", "^file:", "").alias("name"), "content"))
+    if args.partitions:
+        photos = photos.repartition(args.partitions)
+    # virtualenv/uv: the rows cross to the model's own environment as JSON; MLflow's scoring server decodes a
+    # base64 string in the binary `image` column. In-process (local), the bytes go as they are.
+    image = F.col("content") if args.env_manager == "local" else F.base64("content")
+    score = mlflow.pyfunc.spark_udf(
+        spark, uri, result_type="string", env_manager=args.env_manager,
+        params={"result": "json", "top_k": args.top_k, "precedents": -1 if args.precedents is None else
+                args.precedents},
+        extra_env={THREADS_ENV: "1"},  # one ORT thread a task: Spark already runs one task a core
+        model_config={"served_as": served_as, "read_paths": False})
+    return photos.select(F.col("name").alias("image"), score(F.struct(image.alias("image"), "name")).alias("answer"))
+
+
+def write_rows(rows, output: Path, progress) -> tuple[int, int]:
+    """(image, answer JSON) rows to OUT.jsonl (a line each) or OUT.parquet; (photos, failed)."""
+    n = failed = 0
+    records = []
+    with (open(output, "w", encoding="utf-8") if output.suffix != ".parquet" else _Null()) as out:
+        for image, answer in rows:
+            d = json.loads(answer)
+            n, failed = n + 1, failed + bool(d.get("error"))
+            if output.suffix == ".parquet":
+                records.append({"image": image, "outcome": d.get("outcome"), "error": d.get("error"),
+                                "answer": answer})
+            else:
+                out.write(answer + "\n")
+            progress(n)
+    if output.suffix == ".parquet":
+        import pandas as pd
+
+        pd.DataFrame(records, columns=["image", "outcome", "error", "answer"]).to_parquet(output, index=False)
+    return n, failed
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(every: int = 500):
+    start, first = time.perf_counter(), [None]
+
+    def tick(n: int):
+        if first[0] is None:
+            first[0] = time.perf_counter() - start
+            print(f"first answer after {first[0]:.1f} s", file=sys.stderr, flush=True)
+        if n % every == 0:
+            print(f"{n} photos scored ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+    return tick, start, first
+
+
+def run_spark(args, uri: str, folders: list[str]) -> tuple[int, int]:
+    from hsflow.serving.registry import identify
+
+    store = tracking_uri()
+    with _global_tracking_uri(store):  # spark_udf downloads runs:/ and models:/ URIs through the global one
+        uri, served_as = identify(uri, store)
+        spark = spark_session(args.master, args.batch_size)
+        try:
+            answers = spark_answers(spark, uri, folders, args, served_as)
+            tick, *_ = _progress()
+            print(f"scoring on Spark {args.master} ({args.env_manager} environment)", file=sys.stderr, flush=True)
+            # toLocalIterator: the driver holds one partition's answers at a time, however many photos.
+            return write_rows(((r.image, r.answer) for r in answers.toLocalIterator()), args.output, tick)
+        finally:
+            if not args.keep_session:
+                spark.stop()
+
+
+def run_local(args, uri: str, folders: list[str]) -> tuple[int, int]:
+    from hsflow.serving.recommend import iter_recommend, load, to_json
+
+    model = load(uri)
+    files = [f.resolve() for f in expand(folders)]  # named as binaryFile names them: absolute paths
+    tick, *_ = _progress()
+    recs = iter_recommend(model, files, args.top_k, batch_size=args.batch_size, precedents=args.precedents,
+                          progress=False)
+    return write_rows(((r.image, to_json(r)) for r in recs), args.output, tick)
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m hsflow.score", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=ENGINES, default="spark")
+    ap.add_argument("--master", default="local[2]",
+                    help="Spark master: local[N] embedded (default local[2]), spark://host:7077, yarn")
+    ap.add_argument("--model", default=None, help="runs:/<run id>/model, models:/<name>@<alias> ... (default: the "
+                    "registered model's champion, else the latest `make train` model)")
+    ap.add_argument("--registered-model", default=None, metavar="NAME")
+    ap.add_argument("--output", type=Path, required=True, help="OUT.jsonl (JSON lines) or OUT.parquet")
+    ap.add_argument("--partitions", type=int, default=None, help="Spark partitions (default: Spark's split)")
+    ap.add_argument("--env-manager", choices=ENV_MANAGERS, default="local",
+                    help="spark_udf's: local (this environment) or the model's logged one rebuilt by virtualenv/uv")
+    ap.add_argument("--batch-size", type=int, default=64, help="photos an Arrow batch / a forward (default 64)")
+    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--precedents", type=int, default=None, metavar="N")
+    ap.add_argument("--keep-session", action="store_true", help=argparse.SUPPRESS)  # tests and bench reuse it
+    ap.add_argument("folders", nargs="+", metavar="DIR", help="photo folders (searched recursively) or files")
+    args = ap.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1 or (args.partitions or 1) < 1:
+        ap.error("--top-k, --batch-size and --partitions must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    folders = []
+    for f in args.folders:  # a missing folder is one line; the others are scored
+        if Path(f).exists():
+            folders.append(str(Path(f).resolve()))
+        else:
+            print(f"error: {f}: no such file or folder; skipped", file=sys.stderr)
+    if not folders:
+        return 2
+    if args.engine == "spark" and (why := spark_missing()):
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    uri = args.model or default_model(args.registered_model)
+    if uri is None:
+        return 2
+    start = time.perf_counter()
+    n, failed = (run_spark if args.engine == "spark" else run_local)(args, uri, folders)
+    took = time.perf_counter() - start
+    print(f"{n} photos scored in {took:.1f} s ({n / took if took else 0:.1f} photos/s) -> {args.output}"
+          + (f"; {failed} failed (their error rows)" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0 if n else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
