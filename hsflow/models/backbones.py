@@ -221,6 +221,8 @@ def target_class(spec: dict, code_dir: Path | None = None) -> type:
         cls = get_class(target)
     except Exception as exc:  # noqa: BLE001 - hydra wraps import errors in its own types: one line for them all
         cause = exc.__cause__ or exc
+        if isinstance(cause, WeightsMissing):  # already one line naming the file, the place and the way out
+            raise cause from None
         raise ValueError(f"model.net._target_={target!r} is not an importable class ({type(cause).__name__}: "
                          f"{str(cause).splitlines()[0][:200]}): give module.Class of a backbone importable here "
                          "(installed, or its folder on PYTHONPATH); docs/backbones.md") from None
@@ -257,6 +259,8 @@ def instantiate_backbone(spec: dict, code_dir: Path | None = None, **overrides) 
         bb = instantiate(spec, **overrides)
     except Exception as exc:  # noqa: BLE001 - Hydra wraps the constructor's error: name it in one line
         cause = exc.__cause__ or exc
+        if isinstance(cause, WeightsMissing):  # already one line naming the file, the place and the way out
+            raise cause from None
         raise ValueError(f"model.net: {spec['_target_']}({', '.join(f'{k}=' for k in spec if k != '_target_')}...) "
                          f"failed: {type(cause).__name__}: {str(cause).splitlines()[0][:200]}") from None
     check_backbone(bb, spec["_target_"])
