@@ -22,6 +22,7 @@ models only from sources you trust.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -268,3 +269,16 @@ def load_model(uri: str) -> HSModel:
     import mlflow
 
     return HSModel.load(Path(mlflow.artifacts.download_artifacts(artifact_uri=uri)))
+
+
+_LOADED: dict[str, HSModel] = {}
+
+
+def load_once(folder: Path) -> HSModel:
+    """`HSModel.load`, once a process and folder (a shallow copy each call: its own `source`, the same network and
+    indexes). For the MLflow pyfunc: spark_udf loads the pyfunc again for every task in the same Python worker, and
+    MLflow executes the model's code file afresh at each load, so the cache has to live here."""
+    key = str(Path(folder).resolve())
+    if key not in _LOADED:
+        _LOADED[key] = HSModel.load(Path(folder))
+    return copy.copy(_LOADED[key])

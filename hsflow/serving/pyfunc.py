@@ -17,7 +17,6 @@ hsflow.score does in Spark). A photo that cannot be used gets its `error` entry;
 """
 import base64
 import binascii
-import copy
 import os
 import warnings
 from pathlib import Path
@@ -35,19 +34,6 @@ SCORING_SERVER_ENV = "__pyfunc_model_path__"  # set by MLflow's scoring server (
 # may; served_as: the registered version being served ({registered_model, version, aliases}: hsflow.serve sets it).
 MODEL_CONFIG = {"read_paths": None, "served_as": {}}
 RESULTS = ("records", "json")
-
-
-def _load(folder: Path):
-    """The model, once a process and folder (spark_udf loads the pyfunc again for every task in the same Python
-    worker). The cache lives in hsflow.models.bundle: MLflow executes this file afresh at each load, so a dict here
-    would be empty every time."""
-    from hsflow.models import bundle
-
-    cache = bundle.__dict__.setdefault("_LOADED_ONCE", {})
-    key = str(folder.resolve())
-    if key not in cache:
-        cache[key] = bundle.HSModel.load(folder)
-    return copy.copy(cache[key])  # its own `source`, the same network and indexes
 
 
 def photo_bytes(value) -> bytes:
@@ -69,7 +55,9 @@ def _given(value) -> bool:
 
 class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        self.model = _load(Path(context.artifacts["meta.json"]).parent)
+        from hsflow.models.bundle import load_once
+
+        self.model = load_once(Path(context.artifacts["meta.json"]).parent)  # spark_udf loads once per task
         config = context.model_config or {}
         # The registered version being served (hsflow.serve resolves the champion and passes it in the model
         # config), so every answer names it as the CLI's and the page's do.
