@@ -57,7 +57,7 @@ class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from hsflow.models.bundle import load_once
 
-        self.model = load_once(Path(context.artifacts["meta.json"]).parent)  # spark_udf loads once per task
+        self.model = load_once(Path(context.artifacts["meta.json"]).parent)  # spark_udf reloads it every task
         config = context.model_config or {}
         # The registered version being served (hsflow.serve resolves the champion and passes it in the model
         # config), so every answer names it as the CLI's and the page's do.
