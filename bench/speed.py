@@ -294,7 +294,7 @@ def bench_batch(model: str, n: int, tmp: Path) -> dict:
     shutil.copy(files[0], one / files[0].name)
     out: dict = {"batch_photos": n, "batch_model": model}
     for name, args in [("local", ["--engine", "local"]), ("spark_local1", ["--master", "local[1]"]),
-                       ("spark_local2", ["--master", "local[2]", "--partitions", "2"])]:
+                       ("spark_local2", ["--master", "local[2]"])]:
         print(f"[batch] {name} ...", file=sys.stderr)
         start_s = _score_s(model, one, tmp / "one.jsonl", *args)
         total_s = _score_s(model, many, tmp / "many.jsonl", *args)
@@ -311,7 +311,7 @@ def batch_table(r: dict) -> str:
     lines = ["| door (same photos, same model) | photos/s once started | fixed start-up (s) | wall, all photos (s) |",
              "|---|---|---|---|"]
     for name, label in [("local", "hsflow.score --engine local"), ("spark_local1", "hsflow.score --engine spark, "
-                        "local[1]"), ("spark_local2", "hsflow.score --engine spark, local[2], 2 partitions")]:
+                        "local[1]"), ("spark_local2", "hsflow.score --engine spark, local[2]")]:
         lines.append(f"| {label} | {r[f'batch_{name}_photos_per_s']} | {r[f'batch_{name}_startup_s']} | "
                      f"{r[f'batch_{name}_total_s']} |")
     lines.append(f"| make serve, 6 concurrent clients | {r['batch_serve_photos_per_s']} | "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -32,6 +33,9 @@ from hsflow.serving.recommend import IMAGE_EXTS, _global_tracking_uri, default_m
 ENGINES = ("spark", "local")
 ENV_MANAGERS = ("local", "virtualenv", "uv")
 # binaryFile's pathGlobFilter is case-sensitive: both cases of every image extension hsflow.recommend reads.
+# A Spark task's photos by default: small enough for a progress line and a cheap retry, large enough that the
+# pyfunc's set-up per task (the model itself is loaded once a worker) stays small.
+PHOTOS_PER_TASK = 500
 IMAGE_GLOB = "*.{" + ",".join(sorted(e[1:] for ext in IMAGE_EXTS for e in (ext, ext.upper()))) + "}"
 
 
@@ -76,8 +80,8 @@ def spark_answers(spark, uri: str, folders: list[str], args, served_as: dict):
     photos = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
               .option("pathGlobFilter", IMAGE_GLOB).load(folders)
               .select(F.regexp_replace("path", "^file:", "").alias("name"), "content"))
-    if args.partitions:
-        photos = photos.repartition(args.partitions)
+    photos = sized(photos, args.partitions or default_partitions(len(photos.inputFiles()),
+                                                                 spark.sparkContext.defaultParallelism))
     # virtualenv/uv: the rows cross to the model's own environment as JSON; MLflow's scoring server decodes a
     # base64 string in the binary `image` column. In-process (local), the bytes go as they are.
     image = F.col("content") if args.env_manager == "local" else F.base64("content")
@@ -88,6 +92,51 @@ def spark_answers(spark, uri: str, folders: list[str], args, served_as: dict):
         extra_env={THREADS_ENV: "1"},  # one ORT thread a task: Spark already runs one task a core
         model_config={"served_as": served_as, "read_paths": False})
     return photos.select(F.col("name").alias("image"), score(F.struct(image.alias("image"), "name")).alias("answer"))
+
+
+def default_partitions(photos: int, cores: int, per_task: int = PHOTOS_PER_TASK) -> int:
+    """Tasks of at most `per_task` photos, a multiple of the cores so that no core idles through a last round."""
+    return min(max(1, photos), cores * max(1, math.ceil(photos / (cores * per_task))))
+
+
+def sized(frame, partitions: int):
+    """`frame` in `partitions` partitions. Fewer than the file scan made (it makes one per few small photos): merged
+    where they are read (coalesce, no shuffle of the photo bytes); more: a shuffle spreads them."""
+    have = frame.rdd.getNumPartitions()
+    return frame.coalesce(partitions) if partitions < have else frame.repartition(partitions) if partitions > have \
+        else frame
+
+
+def scored_in_parallel(answers, every: float = 10.0):
+    """`answers` computed on every core at once and kept by Spark (memory, then disk), so that the driver then
+    streams them one partition at a time. (Iterating the plan itself computes its partitions one after another:
+    toLocalIterator runs a job per partition, so one core scored while the others idled.) A line of task progress
+    every `every` seconds."""
+    import threading
+
+    from pyspark import StorageLevel
+
+    answers = answers.persist(StorageLevel.MEMORY_AND_DISK)
+    tracker, done, start = answers.sparkSession.sparkContext.statusTracker(), threading.Event(), time.perf_counter()
+
+    def report():
+        last = None
+        while not done.wait(every):
+            stages = [tracker.getStageInfo(i) for i in tracker.getActiveStageIds()]
+            now = [(s.numCompletedTasks, s.numTasks) for s in stages if s is not None]
+            if now and now != last:
+                finished, total = map(sum, zip(*now))
+                print(f"scoring: {finished}/{total} tasks done ({time.perf_counter() - start:.0f} s)",
+                      file=sys.stderr, flush=True)
+                last = now
+
+    thread = threading.Thread(target=report, daemon=True)
+    thread.start()
+    try:
+        answers.count()
+    finally:
+        done.set()
+    return answers
 
 
 def write_rows(rows, output: Path, progress) -> tuple[int, int]:
@@ -142,6 +191,7 @@ def run_spark(args, uri: str, folders: list[str]) -> tuple[int, int]:
             answers = spark_answers(spark, uri, folders, args, served_as)
             tick, *_ = _progress()
             print(f"scoring on Spark {args.master} ({args.env_manager} environment)", file=sys.stderr, flush=True)
+            answers = scored_in_parallel(answers)
             # toLocalIterator: the driver holds one partition's answers at a time, however many photos.
             return write_rows(((r.image, r.answer) for r in answers.toLocalIterator()), args.output, tick)
         finally:
@@ -170,7 +220,8 @@ def parse(argv):
                     "registered model's champion, else the latest `make train` model)")
     ap.add_argument("--registered-model", default=None, metavar="NAME")
     ap.add_argument("--output", type=Path, required=True, help="OUT.jsonl (JSON lines) or OUT.parquet")
-    ap.add_argument("--partitions", type=int, default=None, help="Spark partitions (default: Spark's split)")
+    ap.add_argument("--partitions", type=int, default=None, help="Spark partitions (default: tasks of at most "
+                    f"{PHOTOS_PER_TASK} photos, a multiple of the cores)")
     ap.add_argument("--env-manager", choices=ENV_MANAGERS, default="local",
                     help="spark_udf's: local (this environment) or the model's logged one rebuilt by virtualenv/uv")
     ap.add_argument("--batch-size", type=int, default=64, help="photos an Arrow batch / a forward (default 64)")
