@@ -1,6 +1,7 @@
 """hsflow.score: the demo's 2019 photos and one corrupt file scored on a real embedded Spark (local[2], two
 partitions) through mlflow.pyfunc.spark_udf on the really logged tiny model, answer for answer equal to
-`hsflow.recommend --format json` on the same model; and again in the model's own virtualenv (base64 input)."""
+`hsflow.recommend --format json` on the same model; and again in the model's own environment rebuilt by
+virtualenv and by uv (base64 input)."""
 from __future__ import annotations
 
 import json
@@ -100,16 +101,15 @@ def test_local_engine_equals_recommend(tiny_run, photos_2019, cli_answers, tmp_p
     assert_same({r.image: json.loads(r.answer) for r in table.itertuples()}, cli_answers)
 
 
-@needs_spark
-@pytest.mark.skip(reason="MLflow 3.17's spark_udf gives pyenv a fresh root per process, so env_manager=virtualenv "
-                  "downloads the model's Python from python.org, which this offline machine cannot reach "
-                  "(docs/recommend.md, section 4); left to do")
-def test_spark_virtualenv_base64_equals_recommend(tiny_run, photos_2019, cli_answers, tmp_path):
-    """The model's logged environment rebuilt by MLflow (virtualenv, pip from the local package index); the photos
-    cross to it base64 in JSON. Its build time is printed (-s) for docs/scale.md."""
+@pytest.mark.parametrize("manager", ["virtualenv", "uv"])
+def test_spark_rebuilt_environment_base64_equals_recommend(manager, tiny_run, photos_2019, cli_answers, tmp_path):
+    """The model's logged environment rebuilt by MLflow (virtualenv: pyenv's Python + pip; uv), pip packages from
+    the package index; the photos cross to its scoring server base64 in JSON. The build time is printed (-s)."""
+    if why := spark_missing(manager):
+        pytest.skip(why)
     proc, took = score(tiny_run, photos_2019, tmp_path / "out.parquet", "--engine", "spark", "--master",
-                       "local[2]", "--partitions", "2", "--env-manager", "virtualenv")
-    print(f"virtualenv scoring, environment build included: {took:.0f} s", file=sys.stderr)
+                       "local[2]", "--partitions", "2", "--env-manager", manager)
+    print(f"{manager} scoring, environment build included: {took:.0f} s", file=sys.stderr)
     assert proc.returncode == 1, proc.stderr[-3000:] + proc.stdout[-3000:]
     import pandas as pd
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -39,8 +40,9 @@ PHOTOS_PER_TASK = 500
 IMAGE_GLOB = "*.{" + ",".join(sorted(e[1:] for ext in IMAGE_EXTS for e in (ext, ext.upper()))) + "}"
 
 
-def spark_missing() -> str | None:
-    """Why Spark cannot start here, in one line saying what to install; None when it can."""
+def spark_missing(env_manager: str = "local") -> str | None:
+    """Why Spark (and the environment manager asked for) cannot start here, in one line saying what to install;
+    None when it can."""
     try:
         import pyspark  # noqa: F401
     except ImportError:
@@ -49,6 +51,14 @@ def spark_missing() -> str | None:
     if not java or not Path(java).is_file():
         return ("no Java runtime for Spark (needs Java 17+): apt-get install openjdk-17-jre-headless, or set "
                 "JAVA_HOME (or use --engine local)")
+    if env_manager == "uv" and not shutil.which("uv"):
+        bin_dir = os.path.dirname(sys.executable)  # pip installs uv's command beside this environment's python
+        if not (Path(bin_dir) / "uv").is_file():
+            return "--env-manager uv needs uv: pip install uv (or --env-manager local)"
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    if env_manager == "virtualenv" and not shutil.which("pyenv"):
+        return ("--env-manager virtualenv needs pyenv (MLflow installs the model's Python with it): "
+                "https://github.com/pyenv/pyenv#installation, or --env-manager uv")
     return None
 
 
@@ -57,6 +67,7 @@ def spark_session(master: str, batch_size: int):
     # pyspark 4.3 warns at every pandas UDF that it is not tested on pandas 3; hsflow's tests check its answers.
     warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for hsflow's lines
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not an INFO line a batch from every Spark task
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # local[N] binds the loopback only
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers: this environment, not the system's python3
     from pyspark.sql import SparkSession
@@ -69,7 +80,27 @@ def spark_session(master: str, batch_size: int):
             .config("spark.sql.files.maxPartitionBytes", str(8 << 20))  # photos are small: spread them
             .getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")  # Spark's INFO/WARN lines would drown hsflow's one-line errors
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # (the workers: MLFLOW_LOGGING_LEVEL above)
     return spark
+
+
+def lend_this_python_to_pyenv() -> None:
+    """env_manager=virtualenv: MLflow has pyenv install the model's Python under a fresh root in its temp folder
+    (<MLflow's temp dir>/envs/pyenv_root), which downloads and builds it from python.org: minutes, and impossible
+    offline. pyenv's `install --skip-existing` skips a version whose bin/ folder is there, so the Python this
+    process runs is put there under its version: a model logged with this Python (make train's, with the same
+    pinned environment) builds its virtualenv without a download; a model asking for another version still gets
+    pyenv's. Only the driver's environment is prepared this way; on a cluster each node's pyenv needs the version
+    (or --env-manager uv with a reachable index). (MLflow keeps that temp folder once a process: the first call
+    of get_or_create_tmp_dir here is the one spark_udf uses.)"""
+    import platform
+
+    from mlflow.utils.file_utils import get_or_create_tmp_dir
+
+    bin_dir = Path(get_or_create_tmp_dir(), "envs", "pyenv_root", "versions", platform.python_version(), "bin")
+    if not bin_dir.exists():
+        bin_dir.mkdir(parents=True)
+        (bin_dir / "python").symlink_to(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
 
 
 def spark_answers(spark, uri: str, folders: list[str], args, served_as: dict):
@@ -85,6 +116,8 @@ def spark_answers(spark, uri: str, folders: list[str], args, served_as: dict):
     # virtualenv/uv: the rows cross to the model's own environment as JSON; MLflow's scoring server decodes a
     # base64 string in the binary `image` column. In-process (local), the bytes go as they are.
     image = F.col("content") if args.env_manager == "local" else F.base64("content")
+    if args.env_manager == "virtualenv":
+        lend_this_python_to_pyenv()
     score = mlflow.pyfunc.spark_udf(
         spark, uri, result_type="string", env_manager=args.env_manager,
         params={"result": "json", "top_k": args.top_k, "precedents": -1 if args.precedents is None else
@@ -245,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {f}: no such file or folder; skipped", file=sys.stderr)
     if not folders:
         return 2
-    if args.engine == "spark" and (why := spark_missing()):
+    if args.engine == "spark" and (why := spark_missing(args.env_manager)):
         print(f"error: {why}", file=sys.stderr)
         return 2
     uri = args.model or default_model(args.registered_model)
