@@ -292,7 +292,7 @@ def bench_batch(model: str, n: int, tmp: Path) -> dict:
         shutil.copy(f, many / str(i % 10) / f"{i}_{f.name}")
     one.mkdir()
     shutil.copy(files[0], one / files[0].name)
-    out: dict = {"batch_photos": n, "batch_model": model}
+    out: dict = {"batch_photos": n, "batch_model": model, "batch_started": time.strftime("%Y-%m-%d %H:%M:%S")}
     for name, args in [("local", ["--engine", "local"]), ("spark_local1", ["--master", "local[1]"]),
                        ("spark_local2", ["--master", "local[2]"])]:
         print(f"[batch] {name} ...", file=sys.stderr)

@@ -85,7 +85,7 @@ def test_spark_local2_two_partitions_equals_recommend(tiny_run, photos_2019, cli
     proc, _ = score(tiny_run, photos_2019, tmp_path / "out.jsonl", "--engine", "spark", "--master", "local[2]",
                     "--partitions", "2")
     assert proc.returncode == 1, proc.stderr[-3000:]  # one photo failed: its error row, not a failed job
-    assert "150 photos scored" in proc.stderr and "1 failed" in proc.stderr
+    assert "150 photos scored in" in proc.stderr and "1 failed" in proc.stderr
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert len(lines) == 150
     assert_same({d["image"]: d for d in map(json.loads, lines)}, cli_answers)
@@ -116,6 +116,45 @@ def test_spark_rebuilt_environment_base64_equals_recommend(manager, tiny_run, ph
     table = pd.read_parquet(tmp_path / "out.parquet")
     assert len(table) == 150
     assert_same({r.image: json.loads(r.answer) for r in table.itertuples()}, cli_answers)
+
+
+def close(got, want, tol: float = 1e-5) -> bool:
+    """Equal JSON, numbers within `tol` (the group means move in the 7th decimal with the batches' make-up)."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(close(got[k], want[k], tol) for k in want)
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(map(close, got, want, [tol] * len(want)))
+    if isinstance(want, float) and not isinstance(want, bool):
+        return isinstance(got, (int, float)) and abs(got - want) <= tol
+    return got == want
+
+
+@needs_spark
+@pytest.mark.parametrize("engine", ["spark", "local"])
+def test_group_by_folder_equals_recommend(engine, tiny_run, photos_2019, tmp_path):
+    """--group-by folder: on Spark every photo is scored, then the photos are grouped by folder in Spark and each
+    group answered through the model again; the answers are `hsflow.recommend --group-by folder`'s (two folders,
+    the corrupt photo its own error row), top-3 probabilities within 1e-6."""
+    proc = subprocess.run([PY, "-m", "hsflow.recommend", "--format", "json", "--group-by", "folder", "--model",
+                           f"runs:/{tiny_run['run_id']}/model", str(photos_2019)], cwd=ROOT, env=_env(tiny_run),
+                          capture_output=True, text=True, timeout=600)
+    key = lambda d: d.get("folder") or d["image"]  # noqa: E731
+    want = {key(d): d for d in map(json.loads, proc.stdout.splitlines())}
+    assert proc.returncode == 1 and len(want) == 3, proc.stderr[-2000:]
+    out, args = tmp_path / "groups.jsonl", ["--engine", engine, "--group-by", "folder"]
+    proc, _ = score(tiny_run, photos_2019, out, *args, *(["--partitions", "2"] if engine == "spark" else []))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    got = {key(d): d for d in map(json.loads, out.read_text().splitlines())}
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        g = got[name]
+        assert len(w.get("images") or [None]) == len(g.get("images") or [None])
+        assert [c["hs_code"] for c in g["candidates"][:3]] == [c["hs_code"] for c in w["candidates"][:3]]
+        for a, b in zip(g["candidates"][:3], w["candidates"][:3]):
+            assert abs(a["probability"] - b["probability"]) <= 1e-6
+        assert close(g, w), (name, g, w)
+    assert sum(bool(d.get("images")) for d in got.values()) == 2  # the two folders, 149 photos between them
+    assert sum(len(d.get("images") or []) for d in got.values()) == 149
 
 
 def test_no_java_is_one_line(tmp_path):

@@ -7,13 +7,19 @@ One row per photo, columns (all optional, one of `image`/`path` per row):
   name   what the answer calls an `image` photo (default: "row <n>"; a `path` row is called by its path)
   item   rows sharing an item are one recommendation from the mean of their probabilities (several photos of
          one product, like `hsflow.recommend --group-by folder`)
-Params: top_k (default 5), precedents (default: the model's own setting), result (default "records").
+  members  (with `item`, instead of a photo) the JSON list of an item's photos as result "parts" gave them: the row
+         is answered for the item, as `hsflow.recommend --group-by` answers a folder (hsflow.score --group-by folder
+         groups in Spark after scoring, one row a photo, and sends each group back through the model)
+Params: top_k (default 5), precedents (default: the model's own setting), result (default "records"), group_key
+(what a group answer calls its item: "item" or "folder").
 
 result "records": a list with, per photo (or item), exactly the JSON object `hsflow.recommend --format json`
 prints: the same function (`hsflow.recommend.iter_recommend`) makes both. result "json" (the logged output schema,
 what `mlflow.pyfunc.spark_udf(..., params={"result": "json"})` needs): a DataFrame with one string column `answer`,
 that object as the CLI's JSON line, exactly one row out per row in (`item` is ignored: group after scoring, as
-hsflow.score does in Spark). A photo that cannot be used gets its `error` entry; the rest of the batch is answered.
+hsflow.score does in Spark). result "parts": one string a photo, what its group's answer needs (probabilities,
+embedding, unknown score; hsflow.serving.recommend.iter_parts). A photo that cannot be used gets its `error` entry;
+the rest of the batch is answered.
 """
 import base64
 import binascii
@@ -33,7 +39,7 @@ SCORING_SERVER_ENV = "__pyfunc_model_path__"  # set by MLflow's scoring server (
 # set only the keys a model was logged with. read_paths: None = the scoring server reads no path, in-process callers
 # may; served_as: the registered version being served ({registered_model, version, aliases}: hsflow.serve sets it).
 MODEL_CONFIG = {"read_paths": None, "served_as": {}}
-RESULTS = ("records", "json")
+RESULTS = ("records", "json", "parts")
 
 
 def photo_bytes(value) -> bytes:
@@ -92,20 +98,30 @@ class HSFlowPyfunc(mlflow.pyfunc.PythonModel):
         return rows
 
     def predict(self, context, model_input, params=None):
-        from hsflow.serving.recommend import as_json, iter_recommend, to_json
+        import pandas as pd
+
+        from hsflow.serving.recommend import answer_groups, as_json, iter_parts, iter_recommend, to_json
 
         params = params or {}
         precedents, result = params.get("precedents"), params.get("result") or "records"
         if result not in RESULTS:
             raise ValueError(f"result={result!r}: choose one of {', '.join(RESULTS)}")
-        recs = iter_recommend(
-            self.model, self.inputs(model_input, grouped=result == "records"), int(params.get("top_k") or 5),
-            num_workers=0, progress=False,
-            precedents=None if precedents is None or int(precedents) < 0 else int(precedents))
+        top_k, precedents = int(params.get("top_k") or 5), None if precedents is None or int(precedents) < 0 \
+            else int(precedents)
+        if result == "parts":
+            return pd.DataFrame({"answer": list(iter_parts(self.model, self.inputs(model_input, grouped=False)))},
+                                dtype=object)
+        if isinstance(model_input, pd.DataFrame) and "members" in model_input.columns and \
+                model_input["members"].map(_given).all():
+            rows = model_input.to_dict("records")
+            recs = answer_groups(self.model, [(str(r["item"]) if _given(r.get("item")) else f"row {n}", r["members"])
+                                              for n, r in enumerate(rows)], top_k, precedents,
+                                 params.get("group_key") or "item")
+        else:
+            recs = iter_recommend(self.model, self.inputs(model_input, grouped=result == "records"), top_k,
+                                  num_workers=0, progress=False, precedents=precedents)
         if result == "records":
             return [as_json(rec) for rec in recs]
-        import pandas as pd
-
         return pd.DataFrame({"answer": [to_json(rec) for rec in recs]}, dtype=object)
 
 

@@ -19,6 +19,7 @@ model that cannot be loaded, no photo found).
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import os
@@ -381,14 +382,59 @@ def _answers(model: HSModel, paths, top_k, group_by, batch_size, num_workers, de
         else:
             groups[src.item].append((src.name, probs, emb, score))
     for item, members in groups.items():
-        if not members:
-            yield _failed(item, f"{item}: no usable photo in this {key}", images=[], group_key=key)
-            continue
-        mean = np.stack([m[1] for m in members]).mean(0)
-        emb = normalize(np.stack([m[2] for m in members])).mean(0)
-        scores = [m[3] for m in members if m[3] is not None]  # an item is unknown when its photos are, on average
-        yield _recommendation(item, mean, emb, model, top_k, precedents, images=[m[0] for m in members],
-                              group_key=key, unknown_score=sum(scores) / len(scores) if scores else None)
+        yield group_answer(model, item, members, top_k, precedents, key)
+
+
+def group_answer(model: HSModel, item: str, members: list[tuple[str, np.ndarray, np.ndarray, float | None]],
+                 top_k: int, precedents: int | None, key: str = "item") -> Recommendation:
+    """One recommendation for an item's usable photos, (name, probabilities, embedding, unknown score) each: the
+    mean of their probabilities, their precedents from the mean of their normalized embeddings. The CLI's groups
+    and hsflow.score's (grouped in Spark after scoring, through the MLflow model) both come from here."""
+    if not members:
+        return _failed(item, f"{item}: no usable photo in this {key}", images=[], group_key=key)
+    mean = np.stack([m[1] for m in members]).mean(0)
+    emb = normalize(np.stack([m[2] for m in members])).mean(0)
+    scores = [m[3] for m in members if m[3] is not None]  # an item is unknown when its photos are, on average
+    return _recommendation(item, mean, emb, model, top_k, precedents, images=[m[0] for m in members],
+                           group_key=key, unknown_score=sum(scores) / len(scores) if scores else None)
+
+
+# --- grouping after scoring (hsflow.score in Spark: one row a photo through the model, then one a group) -----------
+
+def _pack(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype=np.float32).tobytes()).decode("ascii")
+
+
+def _unpack(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=np.float32)
+
+
+def iter_parts(model: HSModel, photos: Iterable[str | Path | PhotoInput], batch_size: int = 32) -> Iterator[str]:
+    """Per photo, a JSON line of what its group's answer needs: {image, error: null, probabilities, embedding
+    (float32, base64), unknown_score}; a photo that failed, its answer as `to_json` writes it (its `error` set)."""
+    who = answering(model)
+    for src, probs, emb, score, error in predict(model, photo_inputs(photos), batch_size=batch_size, num_workers=0,
+                                                 progress=False):
+        if probs is None:
+            rec = _failed(src.name, error)
+            rec.model = who
+            yield to_json(rec)
+        else:
+            yield json.dumps({"image": src.name, "error": None, "probabilities": _pack(probs),
+                              "embedding": _pack(emb), "unknown_score": score})
+
+
+def answer_groups(model: HSModel, groups: Iterable[tuple[str, str]], top_k: int = 5, precedents: int | None = None,
+                  key: str = "item") -> Iterator[Recommendation]:
+    """(item, JSON list of its photos' `iter_parts` lines) -> the item's recommendation, as `--group-by` answers it
+    (its failed photos are left out: they were answered on their own)."""
+    who = answering(model)
+    for item, parts in groups:
+        members = [(m["image"], _unpack(m["probabilities"]), _unpack(m["embedding"]), m["unknown_score"])
+                   for m in json.loads(parts) if not m.get("error")]
+        rec = group_answer(model, item, members, top_k, precedents, key)
+        rec.model = who
+        yield rec
 
 
 # --- output ------------------------------------------------------------------------------------------------------

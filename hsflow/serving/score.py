@@ -12,6 +12,10 @@ runs one task a core) over Arrow batches of at most --batch-size photos, and eac
 once (hsflow.serving.pyfunc). `--env-manager virtualenv|uv` rebuilds the model's logged environment on each node;
 its input then crosses as JSON, so the photos go base64. --engine local: the same answers in this process.
 
+--group-by folder: one answer a folder, as `hsflow.recommend --group-by folder` gives it (a failed photo keeps its
+error row): every photo is scored through the model first, one row each, then Spark groups them by folder and
+sends each group back through the model for its answer.
+
 Exit status: 0 every photo answered, 1 some photo failed (its error row), 2 usage error (no photo folder, no
 model, no Java or pyspark for --engine spark).
 """
@@ -104,7 +108,8 @@ def lend_this_python_to_pyenv() -> None:
 
 
 def spark_answers(spark, uri: str, folders: list[str], args, served_as: dict):
-    """A DataFrame (image, answer) of one JSON answer a photo, scored by the logged model through spark_udf."""
+    """A DataFrame (image, answer) of one JSON answer a photo (or a folder, --group-by folder), scored by the logged
+    model through spark_udf, computed and kept by Spark (scored_in_parallel) for the driver to stream."""
     import mlflow.pyfunc
     from pyspark.sql import functions as F
 
@@ -118,13 +123,31 @@ def spark_answers(spark, uri: str, folders: list[str], args, served_as: dict):
     image = F.col("content") if args.env_manager == "local" else F.base64("content")
     if args.env_manager == "virtualenv":
         lend_this_python_to_pyenv()
-    score = mlflow.pyfunc.spark_udf(
-        spark, uri, result_type="string", env_manager=args.env_manager,
-        params={"result": "json", "top_k": args.top_k, "precedents": -1 if args.precedents is None else
-                args.precedents},
-        extra_env={THREADS_ENV: "1"},  # one ORT thread a task: Spark already runs one task a core
-        model_config={"served_as": served_as, "read_paths": False})
-    return photos.select(F.col("name").alias("image"), score(F.struct(image.alias("image"), "name")).alias("answer"))
+    precedents = -1 if args.precedents is None else args.precedents
+
+    def door(**params):
+        return mlflow.pyfunc.spark_udf(
+            spark, uri, result_type="string", env_manager=args.env_manager,
+            params={"top_k": args.top_k, "precedents": precedents, **params},
+            extra_env={THREADS_ENV: "1"},  # one ORT thread a task: Spark already runs one task a core
+            model_config={"served_as": served_as, "read_paths": False})
+
+    photo = F.struct(image.alias("image"), "name")
+    if args.group_by == "none":
+        return scored_in_parallel(photos.select(F.col("name").alias("image"), door(result="json")(photo)
+                                                .alias("answer")))
+    # --group-by folder: one row a photo through the model (result "parts": what a group's answer needs), then the
+    # photos grouped by folder in Spark and each group sent back through the model for its answer. A failed photo
+    # keeps its own error row, as `hsflow.recommend --group-by folder` writes it.
+    parts = scored_in_parallel(photos.select("name", F.regexp_extract("name", r"^(.*)/[^/]*$", 1).alias("item"),
+                                             door(result="parts")(photo).alias("parts")))
+    failed = parts.where(F.get_json_object("parts", "$.error").isNotNull()).select(
+        F.col("name").alias("image"), F.col("parts").alias("answer"))
+    groups = parts.groupBy("item").agg(F.sort_array(F.collect_list(F.struct("name", "parts"))).alias("photos"))
+    members = F.concat(F.lit("["), F.array_join(F.transform("photos", lambda p: p["parts"]), ","), F.lit("]"))
+    answered = groups.select(F.col("item").alias("image"), door(result="json", group_key="folder")(
+        F.struct("item", members.alias("members"))).alias("answer"))
+    return scored_in_parallel(failed.unionByName(answered))
 
 
 def default_partitions(photos: int, cores: int, per_task: int = PHOTOS_PER_TASK) -> int:
@@ -173,7 +196,7 @@ def scored_in_parallel(answers, every: float = 10.0):
 
 
 def write_rows(rows, output: Path, progress) -> tuple[int, int]:
-    """(image, answer JSON) rows to OUT.jsonl (a line each) or OUT.parquet; (photos, failed)."""
+    """(image, answer JSON) rows to OUT.jsonl (a line each) or OUT.parquet; (answers, failed)."""
     n = failed = 0
     records = []
     with (open(output, "w", encoding="utf-8") if output.suffix != ".parquet" else _Null()) as out:
@@ -221,10 +244,9 @@ def run_spark(args, uri: str, folders: list[str]) -> tuple[int, int]:
         uri, served_as = identify(uri, store)
         spark = spark_session(args.master, args.batch_size)
         try:
+            print(f"scoring on Spark {args.master} ({args.env_manager} environment)", file=sys.stderr, flush=True)
             answers = spark_answers(spark, uri, folders, args, served_as)
             tick, *_ = _progress()
-            print(f"scoring on Spark {args.master} ({args.env_manager} environment)", file=sys.stderr, flush=True)
-            answers = scored_in_parallel(answers)
             # toLocalIterator: the driver holds one partition's answers at a time, however many photos.
             return write_rows(((r.image, r.answer) for r in answers.toLocalIterator()), args.output, tick)
         finally:
@@ -239,7 +261,7 @@ def run_local(args, uri: str, folders: list[str]) -> tuple[int, int]:
     files = [f.resolve() for f in expand(folders)]  # named as binaryFile names them: absolute paths
     tick, *_ = _progress()
     recs = iter_recommend(model, files, args.top_k, batch_size=args.batch_size, precedents=args.precedents,
-                          progress=False)
+                          group_by=args.group_by, progress=False)
     return write_rows(((r.image, to_json(r)) for r in recs), args.output, tick)
 
 
@@ -258,6 +280,9 @@ def parse(argv):
     ap.add_argument("--env-manager", choices=ENV_MANAGERS, default="local",
                     help="spark_udf's: local (this environment) or the model's logged one rebuilt by virtualenv/uv")
     ap.add_argument("--batch-size", type=int, default=64, help="photos an Arrow batch / a forward (default 64)")
+    ap.add_argument("--group-by", choices=("none", "folder"), default="none",
+                    help="folder: one answer for each folder's photos, as `hsflow.recommend --group-by folder` "
+                    "(grouped in Spark after every photo is scored)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--precedents", type=int, default=None, metavar="N")
     ap.add_argument("--keep-session", action="store_true", help=argparse.SUPPRESS)  # tests and bench reuse it
@@ -287,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     n, failed = (run_spark if args.engine == "spark" else run_local)(args, uri, folders)
     took = time.perf_counter() - start
-    print(f"{n} photos scored in {took:.1f} s ({n / took if took else 0:.1f} photos/s) -> {args.output}"
+    what = "photos scored" if args.group_by == "none" else "answers (folders, and photos that failed)"
+    print(f"{n} {what} in {took:.1f} s ({n / took if took else 0:.1f}/s) -> {args.output}"
           + (f"; {failed} failed (their error rows)" if failed else ""), file=sys.stderr)
     return 1 if failed else 0 if n else 2
 

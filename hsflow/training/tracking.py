@@ -298,10 +298,11 @@ def signature():
 
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False),
-                       ColSpec("string", "name", required=False), ColSpec("string", "item", required=False)]),
+                       ColSpec("string", "name", required=False), ColSpec("string", "item", required=False),
+                       ColSpec("string", "members", required=False)]),
         outputs=Schema([ColSpec("string", "answer")]),
         params=ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("precedents", "long", -1),
-                            ParamSpec("result", "string", "records")]))
+                            ParamSpec("result", "string", "records"), ParamSpec("group_key", "string", "item")]))
 
 
 def input_example(model):
