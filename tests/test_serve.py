@@ -117,7 +117,8 @@ def test_pyfunc_returns_what_recommend_prints(tiny_run, tiny_model, monkeypatch)
     mlflow.set_tracking_uri(tiny_run["tracking_uri"])
     shots = sorted((tiny_run["store"] / "photos").glob("0808100000_*"))[:2]
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{tiny_run['run_id']}/model")
-    assert [c.name for c in pyfunc.metadata.get_input_schema().inputs] == ["image", "path", "name", "item"]
+    assert [c.name for c in pyfunc.metadata.get_input_schema().inputs] == ["image", "path", "name", "item",
+                                                                            "members"]
     out = pyfunc.predict(pd.DataFrame({"image": [shots[0].read_bytes(), b"not a photo"],
                                        "name": [str(shots[0]), "junk.jpg"]}))
     assert out[0] == json.loads(R.to_json(R.recommend(tiny_model, [shots[0]])[0]))
@@ -129,6 +130,12 @@ def test_pyfunc_returns_what_recommend_prints(tiny_run, tiny_model, monkeypatch)
     assert len(grouped[0]["candidates"]) == 2 and len(grouped[0]["precedents"]) == 1
     same = R.recommend(tiny_model, [R.PhotoInput(str(s), item="apple") for s in shots], top_k=2, precedents=1)
     assert grouped == [R.as_json(r) for r in same]
+    # Grouped after scoring (hsflow.score --group-by): each photo's parts, then the item's members sent back.
+    parts = pyfunc.predict(pd.DataFrame({"path": [str(s) for s in shots]}), params={"result": "parts"})
+    assert len(parts) == 2 and all(json.loads(p)["error"] is None for p in parts["answer"])
+    members = "[" + ",".join(parts["answer"]) + "]"
+    assert pyfunc.predict(pd.DataFrame({"item": ["apple"], "members": [members]}),
+                          params={"top_k": 2, "precedents": 1}) == grouped
 
 
 # --- the real REST server -----------------------------------------------------------------------------------------
