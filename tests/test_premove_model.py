@@ -108,3 +108,15 @@ def test_the_premove_model_answers_through_make_serve_and_the_review_page(model_
             same_answer(got, expected)
     finally:
         page.stop()
+
+
+def test_the_premove_model_asked_to_group_on_spark_is_one_line(model_dir, tmp_path):
+    """Grouping in Spark sends each group back through the model (the `members` input): a model logged before it
+    cannot answer that, so hsflow.score says so in one line before Spark starts; --engine local groups it."""
+    args = [PY, "-m", "hsflow.score", "--model", str(model_dir), "--group-by", "folder", str(PHOTOS[0].parent)]
+    proc = subprocess.run([*args, "--output", str(tmp_path / "o.jsonl")], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and not (tmp_path / "o.jsonl").exists()
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {model_dir}: this model was logged before hsflow.score could group in Spark (its signature has no "
+        "`members` input): retrain it (make train), use --engine local, or score without --group-by"]

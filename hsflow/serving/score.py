@@ -70,8 +70,6 @@ def spark_session(master: str, batch_size: int):
     """An embedded or cluster Spark session for scoring: no UI, Arrow batches of at most `batch_size` photos."""
     # pyspark 4.3 warns at every pandas UDF that it is not tested on pandas 3; hsflow's tests check its answers.
     warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for hsflow's lines
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not an INFO line a batch from every Spark task
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # local[N] binds the loopback only
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers: this environment, not the system's python3
     from pyspark.sql import SparkSession
@@ -236,12 +234,30 @@ def _progress(every: int = 500):
     return tick, start, first
 
 
+class Refused(Exception):
+    """A batch that cannot start, in one line saying why and what to do (exit status 2)."""
+
+
+def groups_after_scoring(uri: str) -> bool:
+    """Whether the logged model answers a group sent back to it (result "parts", the `members` column)."""
+    from mlflow.models import Model
+
+    signature = Model.load(uri).signature  # the MLmodel file alone (a local folder, runs:/, models:/)
+    return signature is not None and "members" in signature.inputs.input_names()
+
+
 def run_spark(args, uri: str, folders: list[str]) -> tuple[int, int]:
     from hsflow.serving.registry import identify
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for hsflow's lines
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not an INFO line a batch from every Spark task
     store = tracking_uri()
     with _global_tracking_uri(store):  # spark_udf downloads runs:/ and models:/ URIs through the global one
         uri, served_as = identify(uri, store)
+        if args.group_by != "none" and not groups_after_scoring(uri):
+            raise Refused(f"{uri}: this model was logged before hsflow.score could group in Spark (its signature "
+                          "has no `members` input): retrain it (make train), use --engine local, or score without "
+                          "--group-by")
         spark = spark_session(args.master, args.batch_size)
         try:
             print(f"scoring on Spark {args.master} ({args.env_manager} environment)", file=sys.stderr, flush=True)
@@ -310,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     if uri is None:
         return 2
     start = time.perf_counter()
-    n, failed = (run_spark if args.engine == "spark" else run_local)(args, uri, folders)
+    try:
+        n, failed = (run_spark if args.engine == "spark" else run_local)(args, uri, folders)
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     took = time.perf_counter() - start
     what = "photos scored" if args.group_by == "none" else "answers (folders, and photos that failed)"
     print(f"{n} {what} in {took:.1f} s ({n / took if took else 0:.1f}/s) -> {args.output}"
