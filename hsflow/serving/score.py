@@ -17,7 +17,7 @@ error row): every photo is scored through the model first, one row each, then Sp
 sends each group back through the model for its answer.
 
 Exit status: 0 every photo answered, 1 some photo failed (its error row), 2 usage error (no photo folder, no
-model, no Java or pyspark for --engine spark).
+model, no Java or pyspark for --engine spark, no pyenv/uv for --env-manager, a model too old to group in Spark).
 """
 from __future__ import annotations
 
