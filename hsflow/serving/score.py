@@ -114,8 +114,11 @@ def spark_answers(spark, uri: str, folders: list[str], args, served_as: dict):
     photos = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
               .option("pathGlobFilter", IMAGE_GLOB).load(folders)
               .select(F.regexp_replace("path", "^file:", "").alias("name"), "content"))
-    photos = sized(photos, args.partitions or default_partitions(len(photos.inputFiles()),
-                                                                 spark.sparkContext.defaultParallelism))
+    tasks = args.partitions or default_partitions(len(photos.inputFiles()), spark.sparkContext.defaultParallelism)
+    photos = sized(photos, tasks)
+    # The groups' shuffle (--group-by) in as many tasks, not Spark's 200: each task sets up the model's door, and
+    # Spark does not merge the small partitions of a plan it keeps (persist).
+    spark.conf.set("spark.sql.shuffle.partitions", str(tasks))
     # virtualenv/uv: the rows cross to the model's own environment as JSON; MLflow's scoring server decodes a
     # base64 string in the binary `image` column. In-process (local), the bytes go as they are.
     image = F.col("content") if args.env_manager == "local" else F.base64("content")
