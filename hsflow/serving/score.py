@@ -37,16 +37,17 @@ from hsflow.serving.recommend import IMAGE_EXTS, _global_tracking_uri, default_m
 
 ENGINES = ("spark", "local")
 ENV_MANAGERS = ("local", "virtualenv", "uv")
-# binaryFile's pathGlobFilter is case-sensitive: both cases of every image extension hsflow.recommend reads.
 # A Spark task's photos by default: small enough for a progress line and a cheap retry, large enough that the
 # pyfunc's set-up per task (the model itself is loaded once a worker) stays small.
 PHOTOS_PER_TASK = 500
+# binaryFile's pathGlobFilter is case-sensitive: both cases of every image extension hsflow.recommend reads.
 IMAGE_GLOB = "*.{" + ",".join(sorted(e[1:] for ext in IMAGE_EXTS for e in (ext, ext.upper()))) + "}"
 
 
 def spark_missing(env_manager: str = "local") -> str | None:
     """Why Spark (and the environment manager asked for) cannot start here, in one line saying what to install;
-    None when it can."""
+    None when it can. uv installed by pip beside this Python but not on PATH (a venv not activated) is put on
+    PATH, where MLflow looks for it."""
     try:
         import pyspark  # noqa: F401
     except ImportError:
